@@ -281,7 +281,6 @@ mod tests {
             state.handle_exit(&mut exit),
             Some(MsrExitAnswer::Read(state.value()))
         );
-        drop(exit);
         assert_eq!((error, data), (0, 0x5));
     }
 
@@ -301,7 +300,6 @@ mod tests {
                 FeatureControl::LOCKED | FeatureControl::VMX_OUTSIDE_SMX
             )))
         );
-        drop(exit);
         assert_eq!(error, 0);
 
         let mut exit = VcpuExit::X86Wrmsr(WriteMsrExit {
@@ -311,7 +309,6 @@ mod tests {
             data: 0x1,
         });
         let answer = state.handle_exit(&mut exit);
-        drop(exit);
         assert_eq!(
             answer,
             Some(MsrExitAnswer::Write(WriteCheck::GeneralProtection(
@@ -335,7 +332,6 @@ mod tests {
             data: &mut data,
         });
         assert_eq!(state.handle_exit(&mut exit), None);
-        drop(exit);
         assert_eq!((error, data), (7, 9));
         let mut exit = VcpuExit::X86Wrmsr(WriteMsrExit {
             error: &mut error,
