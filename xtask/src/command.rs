@@ -1,7 +1,8 @@
 //! Running the host tools the xtask depends on (`apt-get`, `dpkg-deb`, `ldd`, `strip`, ...).
 //!
-//! Every external program goes through [`run`] or [`output`], so that a failure always names
-//! the program, its arguments and its exit status together with what it wrote to stderr.
+//! Short-lived programs run through [`output`] or [`output_unchecked`], so that a failure
+//! names the program, its arguments and its exit status together with what it wrote to
+//! stderr. (QEMU and `cargo test`, whose output is streamed, are run by their own modules.)
 
 use std::ffi::OsStr;
 use std::fmt;
@@ -80,31 +81,10 @@ pub fn output(command: &mut Command) -> Result<Vec<u8>> {
     }
 }
 
-/// Runs `command` with stdout and stderr inherited, so that its progress stays visible.
-pub fn run(command: &mut Command) -> Result<()> {
-    let status = command
-        .stdin(Stdio::null())
-        .status()
-        .map_err(|source| Error::Spawn {
-            command: CommandLine::of(command),
-            source,
-        })?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(Error::Failed {
-            command: CommandLine::of(command),
-            status,
-            stderr: "(see above)".to_owned(),
-        })
-    }
-}
-
 /// Whether `program` can be found on `PATH` (used to make optional tools such as `strip` optional).
 pub fn is_available(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 #[cfg(test)]
@@ -115,7 +95,10 @@ mod tests {
     fn command_line_renders_program_and_args() {
         let mut command = Command::new("dpkg-deb");
         command.args(["-x", "a.deb", "out"]);
-        assert_eq!(CommandLine::of(&command).to_string(), "dpkg-deb -x a.deb out");
+        assert_eq!(
+            CommandLine::of(&command).to_string(),
+            "dpkg-deb -x a.deb out"
+        );
     }
 
     #[test]

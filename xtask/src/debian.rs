@@ -30,7 +30,11 @@ const PACKAGE_SUFFIX: &str = "-cloud-amd64";
 
 /// The modules that give L1 a `/dev/kvm`, relative to `lib/modules/<release>/kernel/` and
 /// without extension, in load order (`kvm` needs `irqbypass`; `kvm-amd` needs `kvm`).
-pub const KVM_MODULES: [&str; 3] = ["virt/lib/irqbypass", "arch/x86/kvm/kvm", "arch/x86/kvm/kvm-amd"];
+pub const KVM_MODULES: [&str; 3] = [
+    "virt/lib/irqbypass",
+    "arch/x86/kvm/kvm",
+    "arch/x86/kvm/kvm-amd",
+];
 
 /// Name of the file, in `<cache>/kernel/`, that names the unpacked package in use.
 const SELECTED: &str = "SELECTED";
@@ -133,14 +137,11 @@ impl KernelModule {
     pub fn read_uncompressed(&self) -> Result<Vec<u8>> {
         match self.compression.decompressor() {
             None => fs::read(&self.path).map_err(io_error("read", &self.path)),
-            Some(program) => {
-                command::output(Command::new(program).arg("-dc").arg(&self.path)).map_err(
-                    |source| Error::Tool {
-                        operation: format!("decompress {}", self.path.display()),
-                        source,
-                    },
-                )
-            }
+            Some(program) => command::output(Command::new(program).arg("-dc").arg(&self.path))
+                .map_err(|source| Error::Tool {
+                    operation: format!("decompress {}", self.path.display()),
+                    source,
+                }),
         }
     }
 }
@@ -200,7 +201,10 @@ impl KernelTree {
         ModuleCompression::ALL
             .iter()
             .map(|&(compression, ext)| {
-                (compression, self.modules_dir.join(format!("{relative}.{ext}")))
+                (
+                    compression,
+                    self.modules_dir.join(format!("{relative}.{ext}")),
+                )
             })
             .find(|(_, path)| path.is_file())
             .map(|(compression, path)| KernelModule {
@@ -261,7 +265,9 @@ impl KernelCache {
         let deb = self.download(&package)?;
         let kernels = self.kernels_dir();
         let tree = kernels.join(&package);
-        let partial = kernels.join(format!("{package}.partial"));
+        // Unpack beside the final place and rename, so that a crash or a concurrent run
+        // never leaves a half-unpacked tree where `SELECTED` could point.
+        let partial = kernels.join(format!("{package}.partial-{}", std::process::id()));
         if partial.exists() {
             fs::remove_dir_all(&partial).map_err(io_error("remove", &partial))?;
         }
@@ -274,9 +280,11 @@ impl KernelCache {
             },
         )?;
         if tree.exists() {
-            fs::remove_dir_all(&tree).map_err(io_error("remove", &tree))?;
+            // Another run unpacked the same package meanwhile; its tree is as good as ours.
+            fs::remove_dir_all(&partial).map_err(io_error("remove", &partial))?;
+        } else {
+            fs::rename(&partial, &tree).map_err(io_error("rename into place", &partial))?;
         }
-        fs::rename(&partial, &tree).map_err(io_error("rename into place", &partial))?;
         let opened = KernelTree::open(&package, &tree)?;
         let selected = kernels.join(SELECTED);
         fs::write(&selected, format!("{package}\n")).map_err(io_error("write", &selected))?;
@@ -291,11 +299,16 @@ impl KernelCache {
             return Ok(deb);
         }
         eprintln!("xtask: downloading {package} with apt-get");
-        command::output(Command::new("apt-get").arg("download").arg(package).current_dir(&debs))
-            .map_err(|source| Error::Tool {
-                operation: format!("download {package}"),
-                source,
-            })?;
+        command::output(
+            Command::new("apt-get")
+                .arg("download")
+                .arg(package)
+                .current_dir(&debs),
+        )
+        .map_err(|source| Error::Tool {
+            operation: format!("download {package}"),
+            source,
+        })?;
         find_deb(&debs, package)?.ok_or_else(|| Error::Incomplete {
             tree: debs.clone(),
             what: format!("{package}_*.deb after apt-get download"),
@@ -407,6 +420,13 @@ linux-image-6.1.0-50-cloud-amd64-unsigned - Linux 6.1 for x86-64 cloud
         assert_eq!(kernel_abi("linux-image-6.1.0-56-cloud-amd64"), Some(56));
         assert_eq!(kernel_abi("linux-image-6.1.0-56-amd64"), None);
         assert_eq!(kernel_abi("linux-image-6.1.0-x-cloud-amd64"), None);
+    }
+
+    #[test]
+    fn no_package_error_names_the_expected_shape() {
+        assert!(Error::NoKernelPackage
+            .to_string()
+            .contains("linux-image-6.1.0-<abi>-cloud-amd64"));
     }
 
     #[test]

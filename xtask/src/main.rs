@@ -1,1 +1,62 @@
-fn main() {}
+//! `cargo xtask`: parse the task, run it, map the outcome to an exit status.
+
+use std::error::Error;
+use std::process::ExitCode;
+
+use clap::Parser;
+use xtask::cli::{Cli, Task};
+use xtask::{ci, coverage, debian, l1, nested, nested_tests, protocol};
+
+/// Exit status when a task could not do its job at all (as `docker run` uses it).
+const EXIT_TASK_FAILED: u8 = 125;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cache_dir = xtask::cache_dir();
+    match cli.task {
+        Task::Nested(args) => match nested::run(&cache_dir, &args) {
+            Ok(rc) => ExitCode::from(rc),
+            Err(nested::Error::Host(l1::Error::NoKvm(message))) => {
+                eprintln!("error: L1 has no usable kvm-amd: {message}");
+                ExitCode::from(protocol::SETUP_FAILED_RC)
+            }
+            Err(e) => fail(&e),
+        },
+        Task::NestedTests(args) => {
+            match nested_tests::run(&xtask::workspace_root(), &cache_dir, &args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => fail(&e),
+            }
+        }
+        Task::NestedKernel => match debian::KernelCache::new(&cache_dir).get_or_fetch() {
+            Ok(kernel) => {
+                println!("{}", kernel.vmlinuz.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Task::Ci => match ci::run(&xtask::workspace_root()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ci: FAILED");
+                fail(&e)
+            }
+        },
+        Task::Coverage => match coverage::run(&xtask::workspace_root()) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
+    }
+}
+
+/// Prints `error` with its chain of causes and returns [`EXIT_TASK_FAILED`].
+fn fail(error: &dyn Error) -> ExitCode {
+    eprintln!("error: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        eprintln!("  caused by: {cause}");
+        source = cause.source();
+    }
+    ExitCode::from(EXIT_TASK_FAILED)
+}

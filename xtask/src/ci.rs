@@ -1,0 +1,462 @@
+//! `cargo xtask ci`: the test command of README.md, run by `.ci/run`.
+//!
+//! It runs, in order and stopping at the first failure:
+//!
+//! 1. `cargo fmt --check`, clippy on all targets (`-D warnings -D
+//!    clippy::undocumented_unsafe_blocks`) and `cargo doc` with warnings denied;
+//! 2. tier *unit*: every package's unit tests and doctests (no KVM);
+//! 3. tier *kvm-local*: every package's integration tests with `REQUIRE_KVM=1` on this
+//!    machine's `/dev/kvm`;
+//! 4. tier *kvm-nested*: the `kvm` and `smoke` binaries again inside the nested kvm-amd host;
+//! 5. line coverage per crate, checked against `coverage_config_x86_64.json`.
+//!
+//! Test output streams through as it comes; each tier is also tallied from libtest's
+//! `test result:` lines, and every skip is listed with the test and its reason. The last line
+//! is `ci: N passed, N failed, N skipped`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::coverage;
+use crate::protocol::BEGIN;
+
+/// Errors from `cargo xtask ci`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A step's program could not be started.
+    #[error("cannot start step `{step}`")]
+    Spawn {
+        /// The step.
+        step: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A step ran and failed.
+    #[error("step `{step}` failed ({status})")]
+    StepFailed {
+        /// The step.
+        step: String,
+        /// How it ended.
+        status: std::process::ExitStatus,
+    },
+    /// `cargo metadata` printed something unexpected.
+    #[error("cannot read the workspace members from `cargo metadata`")]
+    Metadata(#[source] serde_json::Error),
+    /// The coverage gate failed or could not run.
+    #[error(transparent)]
+    Coverage(#[from] coverage::Error),
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The test tiers, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tier {
+    /// Unit tests and doctests; no KVM.
+    Unit,
+    /// Integration tests on the local `/dev/kvm`.
+    KvmLocal,
+    /// The KVM test binaries inside the nested kvm-amd host.
+    KvmNested,
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tier::Unit => "unit",
+            Tier::KvmLocal => "kvm-local",
+            Tier::KvmNested => "kvm-nested",
+        })
+    }
+}
+
+/// Counts of one tier, summed over libtest's `test result:` lines.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tally {
+    /// Tests that passed.
+    pub passed: u64,
+    /// Tests that failed.
+    pub failed: u64,
+    /// Tests reported as ignored: skipped for a missing host feature, with a reason.
+    pub skipped: u64,
+    /// `(binary label, test name, reason)` of every skip seen.
+    pub skips: Vec<(String, String, String)>,
+}
+
+impl Tally {
+    /// Reads one line of test output. `label` names the binary the line came from.
+    pub fn read_line(&mut self, label: &str, line: &str) {
+        let line = line.trim_end_matches(['\r', '\n']);
+        if let Some(counts) = line.trim_start().strip_prefix("test result: ") {
+            self.passed += count(counts, "passed");
+            self.failed += count(counts, "failed");
+            self.skipped += count(counts, "ignored");
+        } else if let Some(rest) = line.strip_prefix("test ") {
+            // `test [kind] name ... ignored, reason` (libtest-mimic run-time skip).
+            if let Some((name, outcome)) = rest.split_once(" ... ") {
+                if let Some(reason) = outcome.strip_prefix("ignored, ") {
+                    let name = name.trim();
+                    let name = name.strip_prefix("[kvm] ").unwrap_or(name).trim();
+                    self.skips
+                        .push((label.to_owned(), name.to_owned(), reason.trim().to_owned()));
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, other: Tally) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.skipped += other.skipped;
+        self.skips.extend(other.skips);
+    }
+}
+
+/// The number before `word` in `N passed; N failed; ...`, or 0.
+fn count(counts: &str, word: &str) -> u64 {
+    counts
+        .split([';', '.'])
+        .filter_map(|part| part.trim().strip_suffix(word))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// Runs the whole CI test command in `workspace`.
+pub fn run(workspace: &Path) -> Result<()> {
+    let started = Instant::now();
+    let members = workspace_members(workspace)?;
+    let mut timings = Vec::new();
+
+    for (name, args) in [
+        ("fmt", vec!["fmt", "--all", "--check"]),
+        (
+            "clippy",
+            vec![
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--locked",
+                "--",
+                "-D",
+                "warnings",
+                "-D",
+                "clippy::undocumented_unsafe_blocks",
+            ],
+        ),
+        ("doc", vec!["doc", "--workspace", "--no-deps", "--locked"]),
+    ] {
+        let step = Instant::now();
+        banner(name);
+        let mut command = cargo(workspace);
+        command.args(&args).env("RUSTDOCFLAGS", "-D warnings");
+        run_plain(name, &mut command)?;
+        timings.push((name.to_owned(), step.elapsed()));
+    }
+
+    let mut tiers: BTreeMap<Tier, Tally> = BTreeMap::new();
+    for tier in [Tier::Unit, Tier::KvmLocal] {
+        let step = Instant::now();
+        banner(&format!("tier {tier}"));
+        for package in &members {
+            let passes = match tier {
+                Tier::Unit => vec![package.unit_test_targets(), package.doc_test_targets()],
+                Tier::KvmLocal | Tier::KvmNested => vec![package.integration_test_targets()],
+            };
+            for selection in passes.into_iter().flatten() {
+                let mut command = cargo(workspace);
+                command
+                    .args(["test", "--locked", "--package", &package.name])
+                    .args(&selection);
+                if tier == Tier::KvmLocal {
+                    command.env("REQUIRE_KVM", "1");
+                }
+                let step_name = format!("{tier}: {}", package.name);
+                let tally = run_tests(&step_name, command, |_| None, &package.name)?;
+                tiers.entry(tier).or_default().add(tally);
+            }
+        }
+        timings.push((format!("tier {tier}"), step.elapsed()));
+    }
+
+    let step = Instant::now();
+    banner("tier kvm-nested");
+    let xtask = std::env::current_exe().map_err(|source| Error::Spawn {
+        step: "kvm-nested".into(),
+        source,
+    })?;
+    let mut nested = Command::new(xtask);
+    nested.current_dir(workspace).arg("nested-tests");
+    let tally = run_tests(
+        "kvm-nested",
+        nested,
+        |line| {
+            line.trim_end()
+                .strip_prefix(BEGIN)
+                .map(|label| label.trim().to_owned())
+        },
+        "L1",
+    )?;
+    tiers.insert(Tier::KvmNested, tally);
+    timings.push(("tier kvm-nested".into(), step.elapsed()));
+
+    let step = Instant::now();
+    banner("coverage");
+    let report = coverage::run(workspace)?;
+    timings.push(("coverage".into(), step.elapsed()));
+
+    banner("summary");
+    println!(
+        "{:<12} {:>7} {:>7} {:>8}",
+        "tier", "passed", "failed", "skipped"
+    );
+    for (tier, tally) in &tiers {
+        println!(
+            "{:<12} {:>7} {:>7} {:>8}",
+            tier.to_string(),
+            tally.passed,
+            tally.failed,
+            tally.skipped
+        );
+    }
+    println!("skipped, and why:");
+    for (tier, tally) in &tiers {
+        for (label, test, reason) in &tally.skips {
+            println!("  {tier:<10} {label}::{test}: {reason}");
+        }
+    }
+    print!("{report}");
+    println!("wall time per step:");
+    for (name, elapsed) in &timings {
+        println!("  {name:<16} {}", seconds(*elapsed));
+    }
+    println!("  {:<16} {}", "total", seconds(started.elapsed()));
+    let total = tiers.into_values().fold(Tally::default(), |mut all, t| {
+        all.add(t);
+        all
+    });
+    println!(
+        "ci: {} passed, {} failed, {} skipped",
+        total.passed, total.failed, total.skipped
+    );
+    Ok(())
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+fn banner(name: &str) {
+    println!("\n==== {name} ====");
+}
+
+fn cargo(workspace: &Path) -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace).stdin(Stdio::null());
+    command
+}
+
+fn run_plain(step: &str, command: &mut Command) -> Result<()> {
+    let status = command.status().map_err(|source| Error::Spawn {
+        step: step.to_owned(),
+        source,
+    })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::StepFailed {
+            step: step.to_owned(),
+            status,
+        })
+    }
+}
+
+/// Runs a test command with stdout and stderr merged into one pipe (so their order is
+/// kept), echoes every line, and tallies the results. `header` recognises a line that starts
+/// a new binary's output and returns its label.
+fn run_tests(
+    step: &str,
+    mut command: Command,
+    header: impl Fn(&str) -> Option<String>,
+    default_label: &str,
+) -> Result<Tally> {
+    let spawn_err = |source| Error::Spawn {
+        step: step.to_owned(),
+        source,
+    };
+    let (reader, writer) = std::io::pipe().map_err(spawn_err)?;
+    let writer_clone = writer.try_clone().map_err(spawn_err)?;
+    let mut child = command
+        .stdout(writer)
+        .stderr(writer_clone)
+        .spawn()
+        .map_err(spawn_err)?;
+    // `command` holds the parent's copies of the write end: drop it, so that EOF comes when
+    // the child (and any grandchild holding the pipe) exits.
+    drop(command);
+
+    let mut tally = Tally::default();
+    let mut label = default_label.to_owned();
+    for line in BufReader::new(reader).lines() {
+        let line = line.map_err(spawn_err)?;
+        println!("{line}");
+        if let Some(next) = header(&line) {
+            label = next;
+        }
+        tally.read_line(&label, &line);
+    }
+    let status = child.wait().map_err(spawn_err)?;
+    if status.success() {
+        Ok(tally)
+    } else {
+        Err(Error::StepFailed {
+            step: step.to_owned(),
+            status,
+        })
+    }
+}
+
+/// A workspace member and the kinds of target it has.
+#[derive(Debug)]
+struct Member {
+    name: String,
+    kinds: Vec<String>,
+}
+
+impl Member {
+    fn has(&self, kind: &str) -> bool {
+        self.kinds.iter().any(|k| k == kind)
+    }
+
+    /// `cargo test` arguments selecting the unit tests of the library and binaries.
+    fn unit_test_targets(&self) -> Option<Vec<&'static str>> {
+        match (self.has("lib"), self.has("bin")) {
+            (true, true) => Some(vec!["--lib", "--bins"]),
+            (true, false) => Some(vec!["--lib"]),
+            (false, true) => Some(vec!["--bins"]),
+            (false, false) => None,
+        }
+    }
+
+    /// `cargo test` arguments selecting the doctests (libraries only).
+    fn doc_test_targets(&self) -> Option<Vec<&'static str>> {
+        self.has("lib").then(|| vec!["--doc"])
+    }
+
+    /// `cargo test` arguments selecting every integration test.
+    fn integration_test_targets(&self) -> Option<Vec<&'static str>> {
+        self.has("test").then(|| vec!["--test", "*"])
+    }
+}
+
+#[derive(Deserialize)]
+struct Metadata {
+    packages: Vec<MetaPackage>,
+}
+
+#[derive(Deserialize)]
+struct MetaPackage {
+    name: String,
+    targets: Vec<MetaTarget>,
+}
+
+#[derive(Deserialize)]
+struct MetaTarget {
+    kind: Vec<String>,
+}
+
+fn workspace_members(workspace: &Path) -> Result<Vec<Member>> {
+    let mut command = cargo(workspace);
+    command.args(["metadata", "--no-deps", "--format-version", "1", "--locked"]);
+    let output = command.output().map_err(|source| Error::Spawn {
+        step: "cargo metadata".into(),
+        source,
+    })?;
+    if !output.status.success() {
+        return Err(Error::StepFailed {
+            step: "cargo metadata".into(),
+            status: output.status,
+        });
+    }
+    let metadata: Metadata = serde_json::from_slice(&output.stdout).map_err(Error::Metadata)?;
+    Ok(metadata
+        .packages
+        .into_iter()
+        .map(|p| Member {
+            name: p.name,
+            kinds: p.targets.into_iter().flat_map(|t| t.kind).collect(),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tallies_libtest_result_lines() {
+        let mut tally = Tally::default();
+        tally.read_line(
+            "a",
+            "test result: ok. 5 passed; 0 failed; 2 ignored; 0 measured; 1 filtered out; finished in 0.01s",
+        );
+        tally.read_line(
+            "b",
+            "test result: FAILED. 1 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s\r",
+        );
+        assert_eq!((tally.passed, tally.failed, tally.skipped), (6, 3, 2));
+    }
+
+    #[test]
+    fn collects_skip_reasons_with_their_binary() {
+        let mut tally = Tally::default();
+        tally.read_line(
+            "vm-types/kvm",
+            "test [kvm] create_sev_vm                 ... ignored, host lacks VM type SEV (2)",
+        );
+        tally.read_line("vm-types/kvm", "test [kvm] create_default ... ok");
+        tally.read_line("vm-types/kvm", "test plain ... ignored");
+        assert_eq!(
+            tally.skips,
+            vec![(
+                "vm-types/kvm".to_owned(),
+                "create_sev_vm".to_owned(),
+                "host lacks VM type SEV (2)".to_owned()
+            )]
+        );
+    }
+
+    #[test]
+    fn counts_ignore_other_words() {
+        assert_eq!(count("ok. 3 passed; 1 failed; 0 ignored", "passed"), 3);
+        assert_eq!(count("ok. 3 passed; 1 failed; 0 ignored", "measured"), 0);
+    }
+
+    #[test]
+    fn members_pick_the_passes_they_can_run() {
+        let lib_only = Member {
+            name: "x".into(),
+            kinds: vec!["lib".into()],
+        };
+        assert_eq!(lib_only.unit_test_targets(), Some(vec!["--lib"]));
+        assert_eq!(lib_only.doc_test_targets(), Some(vec!["--doc"]));
+        assert_eq!(lib_only.integration_test_targets(), None);
+        let bin_with_tests = Member {
+            name: "y".into(),
+            kinds: vec!["bin".into(), "test".into()],
+        };
+        assert_eq!(bin_with_tests.unit_test_targets(), Some(vec!["--bins"]));
+        assert_eq!(bin_with_tests.doc_test_targets(), None);
+        assert_eq!(
+            bin_with_tests.integration_test_targets(),
+            Some(vec!["--test", "*"])
+        );
+    }
+}
