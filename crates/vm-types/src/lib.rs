@@ -1,4 +1,8 @@
-//! KVM VM types (default, SW-protected, SEV, SEV-ES, SNP, TDX): host support, properties, and a guard against guest-state access on protected VMs.
-//!
-//! Nothing is implemented in this crate yet; its issue describes what it will hold.
+//! KVM VM types (default, SW-protected, SEV, SEV-ES, SNP, TDX): host support, properties, and
+//! a guard against guest-state access on protected VMs.
 #![deny(missing_docs)]
+
+pub mod sys;
+pub mod vm_type;
+
+pub use vm_type::{LaunchFlow, LinuxVersion, UnknownVmType, VmType};
