@@ -1,1 +1,779 @@
-fn main() {}
+//! KVM tests of xstate-perm on the running kernel.
+//!
+//! The guest permission is per process, changes when granted and freezes when the process
+//! creates its first vCPU, while libtest runs tests as threads of one process. So every
+//! test that needs a pristine process, or that may change the permission, runs its
+//! scenario in a child: this binary re-executed with `XSTATE_PERM_CHILD=<scenario>`, which
+//! prints `key=value` lines and exits. Tests in the parent only query, and the ones that
+//! create vCPUs never request anything, so no test changes what another one asserts.
+//!
+//! Expectations are derived from the queries (CPU, KVM, permission), never from this
+//! machine's values: the same tests run in the nested kvm-amd host, whose CPU has no AMX.
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
+use kvm_test_support::guest::{CODE_ADDR, STACK_TOP};
+use kvm_test_support::{ensure, harness, GuestExit, KvmTest, TestError, TestResult, TinyGuest};
+use xstate_perm::host::{self, RequestPath, SystemHost, XstateHost};
+use xstate_perm::permission::kvm_filtered_xcr0;
+use xstate_perm::{GuestPermission, RequestError, XFeature, XFeatureSet, XsaveLayout, XsaveState};
+
+const CHILD_ENV: &str = "XSTATE_PERM_CHILD";
+
+// ---------------------------------------------------------------------------------------
+// Child side: one scenario per process.
+// ---------------------------------------------------------------------------------------
+
+/// The outcome of a raw kernel call: `ok` or the errno.
+fn raw(result: host::Result<()>) -> String {
+    match result {
+        Ok(()) => "ok".into(),
+        Err(e) => e.errno().to_string(),
+    }
+}
+
+/// The outcome of a policy request, by variant.
+fn outcome(result: &Result<GuestPermission, RequestError>) -> &'static str {
+    match result {
+        Ok(_) => "Ok",
+        Err(RequestError::UnknownComponent { .. }) => "UnknownComponent",
+        Err(RequestError::SupervisorComponent { .. }) => "SupervisorComponent",
+        Err(RequestError::CpuLacks { .. }) => "CpuLacks",
+        Err(RequestError::KvmWillNotExpose { .. }) => "KvmWillNotExpose",
+        Err(RequestError::KernelTooOld { .. }) => "KernelTooOld",
+        Err(RequestError::TooLate { .. }) => "TooLate",
+        Err(RequestError::NotRequestable { .. }) => "NotRequestable",
+        Err(RequestError::Query(_)) => "Query",
+        Err(RequestError::Request(_)) => "Request",
+        Err(RequestError::NotGranted { .. }) => "NotGranted",
+    }
+}
+
+/// The real kernel, except that KVM is said to expose whatever the CPU has. It lets the
+/// policy reach the kernel's own answers (EBUSY) on a host whose KVM exposes no AMX.
+struct KvmClaimsCpu<'a>(SystemHost<'a>);
+
+impl XstateHost for KvmClaimsCpu<'_> {
+    fn cpu_supported(&self) -> host::Result<XFeatureSet> {
+        self.0.cpu_supported()
+    }
+    fn guest_permitted(&self) -> host::Result<XFeatureSet> {
+        self.0.guest_permitted()
+    }
+    fn kvm_guest_supported(&self) -> host::Result<Option<XFeatureSet>> {
+        self.0.cpu_supported().map(Some)
+    }
+    fn kvm_offers_guest_perm_attr(&self) -> host::Result<bool> {
+        self.0.kvm_offers_guest_perm_attr()
+    }
+    fn request_guest_perm(&self, via: RequestPath, component: u32) -> host::Result<()> {
+        self.0.request_guest_perm(via, component)
+    }
+}
+
+struct Report(Vec<(String, String)>);
+
+impl Report {
+    fn put(&mut self, key: &str, value: impl ToString) {
+        self.0.push((key.to_string(), value.to_string()));
+    }
+    fn set(&mut self, key: &str, set: XFeatureSet) {
+        self.put(key, format!("{:#x}", set));
+    }
+}
+
+fn child(scenario: &str) -> Result<Report, Box<dyn std::error::Error>> {
+    let kvm = Kvm::new()?;
+    let host = SystemHost::new(&kvm);
+    let mut r = Report(Vec::new());
+    r.set("cpu", host.cpu_supported()?);
+    r.set("perm_before", host.guest_permitted()?);
+    match host.kvm_guest_supported()? {
+        Some(kvm_supp) => r.set("kvm", kvm_supp),
+        None => r.put("kvm", "none"),
+    }
+    r.put("perm_attr", host.kvm_offers_guest_perm_attr()?);
+    match scenario {
+        "pristine" => {}
+        "policy-18" => {
+            let result = GuestPermission::request_feature(&host, XFeature::XtileData);
+            r.put("policy", outcome(&result));
+            if let Err(e) = &result {
+                r.put("policy_message", e);
+            }
+            if let Ok(permission) = &result {
+                r.put("via", format!("{:?}", permission.requested_via()));
+                r.set("guest", permission.guest_features());
+            }
+        }
+        "raw-18" => {
+            r.put(
+                "raw",
+                raw(host.request_guest_perm(RequestPath::ArchPrctl, 18)),
+            );
+            r.put("xsave2", kvm.check_extension_int(Cap::Xsave2));
+            let again = GuestPermission::request_feature(&host, XFeature::XtileData);
+            r.put("policy", outcome(&again));
+        }
+        "raw-2" => r.put(
+            "raw",
+            raw(host.request_guest_perm(RequestPath::ArchPrctl, 2)),
+        ),
+        "raw-19" => r.put(
+            "raw",
+            raw(host.request_guest_perm(RequestPath::ArchPrctl, 19)),
+        ),
+        "raw-64" => {
+            r.put(
+                "raw",
+                raw(host.request_guest_perm(RequestPath::ArchPrctl, 64)),
+            );
+            let policy = GuestPermission::request(&host, XFeatureSet::from_bits(1 << 63));
+            r.put("policy", outcome(&policy));
+        }
+        "attr" => r.put(
+            "raw",
+            raw(host.request_guest_perm(RequestPath::KvmDeviceAttr, 18)),
+        ),
+        "ebusy" => {
+            let vm = kvm.create_vm()?;
+            let _vcpu = vm.create_vcpu(0)?;
+            r.put(
+                "raw",
+                raw(host.request_guest_perm(RequestPath::ArchPrctl, 18)),
+            );
+            let claimed = KvmClaimsCpu(host);
+            let policy = GuestPermission::request(&claimed, XFeatureSet::DYNAMIC);
+            r.put("policy", outcome(&policy));
+            if let Err(e) = &policy {
+                r.put("policy_message", e);
+            }
+            let legacy = GuestPermission::request(&host, XFeatureSet::LEGACY)?;
+            r.put("legacy_via", format!("{:?}", legacy.requested_via()));
+        }
+        "amx-guest" => {
+            amx_guest(&kvm, &host)?;
+            r.put("amx", "ok");
+        }
+        other => return Err(format!("unknown scenario {other}").into()),
+    }
+    r.set("perm_after", host.guest_permitted()?);
+    Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------
+// Parent side.
+// ---------------------------------------------------------------------------------------
+
+/// What a child reported.
+struct Child(HashMap<String, String>);
+
+impl Child {
+    fn run(scenario: &str) -> Result<Self, TestError> {
+        let exe = std::env::current_exe()?;
+        let out = Command::new(exe).env(CHILD_ENV, scenario).output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "child {scenario} failed ({}): {}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("child {scenario}: {}", stdout.trim().replace('\n', " "));
+        Ok(Child(
+            stdout
+                .lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ))
+    }
+
+    fn get(&self, key: &str) -> Result<&str, TestError> {
+        self.0
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| TestError::fail(format!("child did not report {key}")))
+    }
+
+    fn set(&self, key: &str) -> Result<XFeatureSet, TestError> {
+        let v = self.get(key)?;
+        u64::from_str_radix(v.trim_start_matches("0x"), 16)
+            .map(XFeatureSet::from_bits)
+            .map_err(|_| TestError::fail(format!("{key}={v} is not a mask")))
+    }
+
+    /// KVM_X86_XCOMP_GUEST_SUPP, which every kernel these tests run on (5.17+) has.
+    fn kvm(&self) -> Result<XFeatureSet, TestError> {
+        match self.get("kvm")? {
+            "none" => Err(TestError::skip(
+                "KVM_X86_XCOMP_GUEST_SUPP is missing: a kernel older than 5.17",
+            )),
+            _ => self.set("kvm"),
+        }
+    }
+
+    fn errno(&self, key: &str) -> Result<Option<i32>, TestError> {
+        match self.get(key)? {
+            "ok" => Ok(None),
+            v => v
+                .parse()
+                .map(Some)
+                .map_err(|_| TestError::fail(format!("{key}={v} is not an errno"))),
+        }
+    }
+}
+
+/// The three queries in a pristine process agree with each other and with the kernel's
+/// documented defaults.
+fn queries_in_a_pristine_process(kvm: &Kvm) -> TestResult {
+    let c = Child::run("pristine")?;
+    let (cpu, perm, kvm_supp) = (c.set("cpu")?, c.set("perm_before")?, c.kvm()?);
+    ensure!(
+        cpu.contains_all(XFeatureSet::LEGACY),
+        "cpu {cpu} lacks x87|sse"
+    );
+    ensure!(
+        cpu.contains_all(perm),
+        "guest permission {perm} exceeds cpu {cpu}"
+    );
+    ensure!(
+        cpu.contains_all(kvm_supp),
+        "KVM {kvm_supp} exceeds cpu {cpu}"
+    );
+    ensure!(
+        perm == cpu.difference(XFeatureSet::DYNAMIC),
+        "pristine guest permission {perm} is not cpu {cpu} without dynamic components"
+    );
+    // The parent process sees the same CPU and KVM (they are not per process).
+    let parent = SystemHost::new(kvm);
+    ensure!(
+        parent.cpu_supported()? == cpu,
+        "parent and child disagree on cpu"
+    );
+    ensure!(
+        parent.kvm_guest_supported()? == Some(kvm_supp),
+        "parent and child disagree on KVM"
+    );
+    let sys_attributes = kvm.check_extension_raw(xstate_perm::sys::KVM_CAP_SYS_ATTRIBUTES.into());
+    ensure!(
+        sys_attributes > 0,
+        "attribute present but KVM_CAP_SYS_ATTRIBUTES is 0"
+    );
+    Ok(())
+}
+
+/// The policy request for tile data: refused for the CPU where it lacks AMX, refused for KVM
+/// (with no kernel call, the permission unchanged) where KVM exposes none, granted
+/// otherwise.
+fn policy_request_for_tiledata(_kvm: &Kvm) -> TestResult {
+    let c = Child::run("policy-18")?;
+    let (cpu, kvm_supp) = (c.set("cpu")?, c.kvm()?);
+    let (before, after) = (c.set("perm_before")?, c.set("perm_after")?);
+    let policy = c.get("policy")?;
+    if !cpu.contains(XFeature::XtileData) {
+        ensure!(
+            policy == "CpuLacks",
+            "cpu {cpu} lacks AMX but the policy said {policy}"
+        );
+        ensure!(
+            after == before,
+            "permission changed from {before} to {after}"
+        );
+    } else if !kvm_supp.contains(XFeature::XtileData) {
+        ensure!(
+            policy == "KvmWillNotExpose",
+            "KVM {kvm_supp} exposes no AMX but the policy said {policy}"
+        );
+        let message = c.get("policy_message")?;
+        ensure!(
+            message.contains("KVM will not expose xtilecfg|xtiledata"),
+            "message: {message}"
+        );
+        ensure!(
+            after == before && !after.contains(XFeature::XtileData),
+            "the refused request changed the permission from {before} to {after}"
+        );
+    } else {
+        ensure!(
+            policy == "Ok",
+            "KVM exposes AMX but the policy said {policy}"
+        );
+        ensure!(
+            after.contains_all(XFeatureSet::AMX),
+            "permission {after} lacks AMX"
+        );
+        ensure!(
+            c.set("guest")?.contains_all(XFeatureSet::AMX),
+            "guest features lack AMX"
+        );
+    }
+    Ok(())
+}
+
+/// The kernel's own answer to `ARCH_REQ_XCOMP_GUEST_PERM(18)`: granted wherever the CPU has
+/// AMX, even where KVM would not expose it, and KVM_CAP_XSAVE2 then follows KVM's filter.
+fn kernel_grants_tiledata_where_the_cpu_has_it(kvm: &Kvm) -> TestResult {
+    let c = Child::run("raw-18")?;
+    let (cpu, kvm_supp) = (c.set("cpu")?, c.kvm()?);
+    let (before, after) = (c.set("perm_before")?, c.set("perm_after")?);
+    let errno = c.errno("raw")?;
+    if cpu.contains(XFeature::XtileData) {
+        ensure!(
+            errno.is_none(),
+            "request for 18 failed with errno {errno:?}"
+        );
+        ensure!(
+            after == before.union(XFeatureSet::DYNAMIC),
+            "permission went from {before} to {after}"
+        );
+    } else {
+        ensure!(
+            errno == Some(libc::EOPNOTSUPP),
+            "cpu {cpu} lacks 18, errno {errno:?}"
+        );
+        ensure!(after == before, "permission changed to {after}");
+    }
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+    let layout = XsaveLayout::from_kvm_cpuid(&supported)?;
+    let xsave2: i32 = c
+        .get("xsave2")?
+        .parse()
+        .map_err(|_| TestError::fail("xsave2 not a number"))?;
+    layout.check_xsave2(xsave2, kvm_filtered_xcr0(kvm_supp, after))?;
+    // The policy still refuses what KVM will not expose, permission or not.
+    let policy = c.get("policy")?;
+    let expected = if !cpu.contains(XFeature::XtileData) {
+        "CpuLacks"
+    } else if !kvm_supp.contains(XFeature::XtileData) {
+        "KvmWillNotExpose"
+    } else {
+        "Ok"
+    };
+    ensure!(
+        policy == expected,
+        "policy after the grant: {policy}, expected {expected}"
+    );
+    if !cpu.contains(XFeature::XtileData) {
+        return Err(TestError::skip(format!(
+            "the CPU ({cpu}) has no AMX: checked that the kernel refuses component 18 with \
+             EOPNOTSUPP, but a grant cannot be shown here"
+        )));
+    }
+    Ok(())
+}
+
+/// EINVAL: a component beyond every kernel's XFEATURE_MAX. The policy refuses it itself.
+fn einval_for_a_component_beyond_the_kernel(_kvm: &Kvm) -> TestResult {
+    let c = Child::run("raw-64")?;
+    let errno = c.errno("raw")?;
+    ensure!(errno == Some(libc::EINVAL), "component 64: errno {errno:?}");
+    let policy = c.get("policy")?;
+    ensure!(policy == "UnknownComponent", "policy for bit 63: {policy}");
+    ensure!(
+        c.set("perm_after")? == c.set("perm_before")?,
+        "permission changed"
+    );
+    Ok(())
+}
+
+/// EOPNOTSUPP: a component that is not dynamic (AVX, 2) has no permission to grant; and
+/// APX (19), which this CPU may lack, is refused too.
+fn eopnotsupp_for_a_static_component(_kvm: &Kvm) -> TestResult {
+    let c = Child::run("raw-2")?;
+    let errno = c.errno("raw")?;
+    ensure!(
+        errno == Some(libc::EOPNOTSUPP),
+        "component 2: errno {errno:?}"
+    );
+    let c = Child::run("raw-19")?;
+    let errno = c.errno("raw")?;
+    if !c.set("cpu")?.contains(XFeature::Apx) {
+        // EOPNOTSUPP where the kernel knows APX, EINVAL where its XFEATURE_MAX is 19.
+        ensure!(
+            errno == Some(libc::EOPNOTSUPP) || errno == Some(libc::EINVAL),
+            "component 19 without APX: errno {errno:?}"
+        );
+    }
+    ensure!(
+        c.set("perm_after")? == c.set("perm_before")?,
+        "permission changed"
+    );
+    Ok(())
+}
+
+/// EBUSY: once a vCPU exists the permission is frozen; the policy says "too late", and a
+/// request for what is already permitted still succeeds without a kernel call.
+fn ebusy_after_the_first_vcpu(_kvm: &Kvm) -> TestResult {
+    let c = Child::run("ebusy")?;
+    let cpu = c.set("cpu")?;
+    let errno = c.errno("raw")?;
+    ensure!(c.get("legacy_via")? == "None", "legacy request made a call");
+    ensure!(
+        c.set("perm_after")? == c.set("perm_before")?,
+        "permission changed"
+    );
+    if !cpu.contains(XFeature::XtileData) {
+        ensure!(
+            errno == Some(libc::EOPNOTSUPP),
+            "cpu {cpu} lacks 18, errno {errno:?}"
+        );
+        return Err(TestError::skip(format!(
+            "the CPU ({cpu}) has no dynamic component, so the kernel answers EOPNOTSUPP \
+             before it checks the vCPU lock"
+        )));
+    }
+    ensure!(
+        errno == Some(libc::EBUSY),
+        "request after a vCPU: errno {errno:?}"
+    );
+    let policy = c.get("policy")?;
+    ensure!(policy == "TooLate", "policy after a vCPU: {policy}");
+    ensure!(
+        c.get("policy_message")?
+            .starts_with("too late: a vCPU already exists"),
+        "message: {}",
+        c.get("policy_message")?
+    );
+    Ok(())
+}
+
+/// The proposed KVM attribute: where KVM_HAS_DEVICE_ATTR denies it, setting it fails, so
+/// the policy's choice of arch_prctl is the only one that works.
+fn kvm_guest_perm_attribute(_kvm: &Kvm) -> TestResult {
+    let c = Child::run("attr")?;
+    let offered = c.get("perm_attr")?;
+    let errno = c.errno("raw")?;
+    if offered == "false" {
+        ensure!(
+            matches!(errno, Some(libc::EINVAL) | Some(libc::ENXIO)),
+            "KVM_SET_DEVICE_ATTR(attr 1) on a kernel without it: {errno:?}"
+        );
+        ensure!(
+            c.set("perm_after")? == c.set("perm_before")?,
+            "permission changed"
+        );
+        Ok(())
+    } else {
+        ensure!(
+            errno.is_none(),
+            "KVM offers attr 1 but setting it failed: {errno:?}"
+        );
+        Ok(())
+    }
+}
+
+/// The layout KVM reports agrees with the host CPU's, and KVM_CAP_XSAVE2 is the standard
+/// size of what guests of this process may use. (No test in this process requests.)
+fn xsave2_size_matches_the_layout(kvm: &Kvm) -> TestResult {
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+    let layout = XsaveLayout::from_kvm_cpuid(&supported)?;
+    let host_layout = XsaveLayout::host()?;
+    for i in layout.enumerated().indices() {
+        if let (Some(a), Some(b)) = (layout.component(i), host_layout.component(i)) {
+            ensure!(
+                (a.size, a.offset) == (b.size, b.offset),
+                "component {i}: KVM {a:?}, host {b:?}"
+            );
+        }
+    }
+    let host = SystemHost::new(kvm);
+    let Some(kvm_supp) = host.kvm_guest_supported()? else {
+        return Err(TestError::skip(
+            "KVM_X86_XCOMP_GUEST_SUPP missing (pre-5.17)",
+        ));
+    };
+    let guest = kvm_filtered_xcr0(kvm_supp, host.guest_permitted()?);
+    ensure!(
+        layout.xcr0_supported() == guest,
+        "KVM_GET_SUPPORTED_CPUID leaf 0xD has {}, filtered xcr0 is {guest}",
+        layout.xcr0_supported()
+    );
+    let vm = kvm.create_vm()?;
+    let size = layout.check_xsave2(vm.check_extension_int(Cap::Xsave2), guest)?;
+    eprintln!("KVM_CAP_XSAVE2 = {size} for guest features {guest}");
+    let permission = GuestPermission::request(&host, XFeatureSet::LEGACY)?;
+    ensure!(
+        permission.requested_via().is_none(),
+        "legacy request made a call"
+    );
+    ensure!(
+        permission.xsave2_size(&layout)? == size,
+        "permission's size differs"
+    );
+    Ok(())
+}
+
+/// Get/set round trip: a guest loads XMM0, the host reads it from the XSAVE image, writes
+/// XMM1 into the image, and the guest stores XMM1 back; the image also moves into a new
+/// vCPU. (`movdqu` is used because KVM's instruction emulator, which runs guest ring-0 code
+/// on PVM hosts, implements it.)
+fn xsave_round_trip(kvm: &Kvm) -> TestResult {
+    const XMM0: u128 = 0x0011_2233_4455_6677_0123_4567_89ab_cdef;
+    const XMM1: u128 = 0x8899_aabb_ccdd_eeff_feed_face_cafe_f00d;
+    const XMM0_SRC: u64 = 0x9100;
+    const XMM1_DST: u64 = 0x9000;
+    let code = [
+        0xf3, 0x0f, 0x6f, 0x04, 0x25, 0x00, 0x91, 0x00, 0x00, // movdqu xmm0, [XMM0_SRC]
+        0xf4, // hlt
+        0xf3, 0x0f, 0x7f, 0x0c, 0x25, 0x00, 0x90, 0x00, 0x00, // movdqu [XMM1_DST], xmm1
+        0xf4, // hlt
+    ];
+    let host = SystemHost::new(kvm);
+    let permission = GuestPermission::request(&host, XFeatureSet::LEGACY)?;
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+    let layout = XsaveLayout::from_kvm_cpuid(&supported)?;
+    let mut guest = TinyGuest::long_mode(kvm, &code)?;
+    guest.write(XMM0_SRC, &XMM0.to_le_bytes())?;
+    guest
+        .vcpu
+        .set_cpuid2(&permission.guest_cpuid(&supported)?)?;
+    guest.expect_exit(GuestExit::Hlt)?;
+
+    let mut state = XsaveState::get(&guest.vm, &guest.vcpu)?;
+    ensure!(
+        state.as_bytes().len() == kvm_ioctls_xsave2(&guest.vm)?,
+        "image size differs from KVM_CAP_XSAVE2"
+    );
+    let sse = state
+        .component(&layout, XFeature::Sse.index())
+        .ok_or_else(|| TestError::fail("no SSE component"))?;
+    ensure!(
+        sse[..16] == XMM0.to_le_bytes(),
+        "XMM0 in the image is {:02x?}",
+        &sse[..16]
+    );
+    let sse = state
+        .component_mut(&layout, XFeature::Sse.index())
+        .ok_or_else(|| TestError::fail("no SSE component"))?;
+    sse[16..32].copy_from_slice(&XMM1.to_le_bytes());
+    state.set(&guest.vm, &guest.vcpu)?;
+    let reread = XsaveState::get(&guest.vm, &guest.vcpu)?;
+    ensure!(
+        reread.component(&layout, 1) == state.component(&layout, 1),
+        "SSE state did not survive KVM_SET_XSAVE"
+    );
+    guest.expect_exit(GuestExit::Hlt)?;
+    let stored = guest.read(XMM1_DST, 16)?;
+    ensure!(
+        stored == XMM1.to_le_bytes(),
+        "guest read XMM1 as {stored:02x?}"
+    );
+
+    // The same image in a second vCPU, created through the permission.
+    let second = permission.create_vcpu(&guest.vm, 1)?;
+    state.set(&guest.vm, &second)?;
+    let moved = XsaveState::get(&guest.vm, &second)?;
+    ensure!(
+        moved.component(&layout, 1) == state.component(&layout, 1),
+        "SSE state did not move into a new vCPU"
+    );
+    let short = XsaveState::from_bytes(state.as_bytes()[..4096].to_vec())?;
+    if state.as_bytes().len() > 4096 {
+        ensure!(
+            short.set(&guest.vm, &second).is_err(),
+            "a short image was accepted"
+        );
+    }
+    Ok(())
+}
+
+fn kvm_ioctls_xsave2(vm: &kvm_ioctls::VmFd) -> Result<usize, TestError> {
+    usize::try_from(vm.check_extension_int(Cap::Xsave2))
+        .map_err(|_| TestError::fail("KVM_CAP_XSAVE2 negative"))
+}
+
+/// A guest loads an AMX tile; its state survives KVM_GET_XSAVE2 → KVM_SET_XSAVE into a new
+/// vCPU, which stores the tile back to memory.
+fn amx_tiles_survive_save_restore(kvm: &Kvm) -> TestResult {
+    let host = SystemHost::new(kvm);
+    let cpu = host.cpu_supported()?;
+    let kvm_supp = host
+        .kvm_guest_supported()?
+        .ok_or_else(|| TestError::skip("KVM_X86_XCOMP_GUEST_SUPP missing (pre-5.17)"))?;
+    if !kvm_supp.contains(XFeature::XtileData) {
+        return Err(TestError::skip(format!(
+            "KVM_X86_XCOMP_GUEST_SUPP is {kvm_supp:#x} ({kvm_supp}): KVM exposes no AMX tile \
+             data (bit 18) to guests here (CPU: {cpu})"
+        )));
+    }
+    let c = Child::run("amx-guest")?;
+    ensure!(c.get("amx")? == "ok", "AMX guest: {}", c.get("amx")?);
+    Ok(())
+}
+
+const TILE_CFG: u64 = 0x2_0000;
+const TILE_DATA: u64 = 0x2_1000;
+const TILE_OUT: u64 = 0x2_2000;
+const RESTORE_CODE: u64 = CODE_ADDR + 0x100;
+
+fn amx_guest(kvm: &Kvm, host: &SystemHost<'_>) -> Result<(), Box<dyn std::error::Error>> {
+    let permission = GuestPermission::request_feature(host, XFeature::XtileData)?;
+    let load = [
+        0x31, 0xc9, // xor ecx, ecx
+        0xb8, 0x03, 0x00, 0x06, 0x00, // mov eax, 0x60003 (x87|sse|tilecfg|tiledata)
+        0x31, 0xd2, // xor edx, edx
+        0x0f, 0x01, 0xd1, // xsetbv
+        0xbf, 0x00, 0x00, 0x02, 0x00, // mov edi, TILE_CFG
+        0xc4, 0xe2, 0x78, 0x49, 0x07, // ldtilecfg [rdi]
+        0xbe, 0x00, 0x10, 0x02, 0x00, // mov esi, TILE_DATA
+        0xba, 0x40, 0x00, 0x00, 0x00, // mov edx, 64 (stride)
+        0xc4, 0xe2, 0x7b, 0x4b, 0x04, 0x16, // tileloadd tmm0, [rsi+rdx*1]
+        0xf4, // hlt
+    ];
+    let store = [
+        0xbe, 0x00, 0x20, 0x02, 0x00, // mov esi, TILE_OUT
+        0xba, 0x40, 0x00, 0x00, 0x00, // mov edx, 64
+        0xc4, 0xe2, 0x7a, 0x4b, 0x04, 0x16, // tilestored [rsi+rdx*1], tmm0
+        0xf4, // hlt
+    ];
+    // Palette 1; tmm0: 16 rows of 64 bytes (colsb[0] at byte 16, rows[0] at byte 48).
+    let mut cfg = [0u8; 64];
+    cfg[0] = 1;
+    cfg[16..18].copy_from_slice(&64u16.to_le_bytes());
+    cfg[48] = 16;
+    let data: Vec<u8> = (0..1024u32).map(|i| (i * 7 + 3) as u8).collect();
+
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+    let cpuid = permission.guest_cpuid(&supported)?;
+    let layout = XsaveLayout::from_kvm_cpuid(&cpuid)?;
+    let mut guest = TinyGuest::long_mode(kvm, &load)?;
+    guest.write(RESTORE_CODE, &store)?;
+    guest.write(TILE_CFG, &cfg)?;
+    guest.write(TILE_DATA, &data)?;
+    enable_xsave(&guest.vcpu, &cpuid)?;
+    guest.expect_exit(GuestExit::Hlt)?;
+
+    let state = XsaveState::get(&guest.vm, &guest.vcpu)?;
+    if !state.xstate_bv().contains_all(XFeatureSet::AMX) {
+        return Err(format!("XSTATE_BV {} lacks AMX after tileloadd", state.xstate_bv()).into());
+    }
+    let tiles = state
+        .component(&layout, XFeature::XtileData.index())
+        .ok_or("no tile data in the image")?;
+    if tiles[..1024] != data[..] {
+        return Err("tmm0 in the XSAVE image differs from the loaded data".into());
+    }
+
+    let mut restored = permission.create_vcpu(&guest.vm, 1)?;
+    restored.set_cpuid2(&cpuid)?;
+    restored.set_sregs(&guest.vcpu.get_sregs()?)?;
+    restored.set_xcrs(&guest.vcpu.get_xcrs()?)?;
+    state.set(&guest.vm, &restored)?;
+    let mut regs = restored.get_regs()?;
+    regs.rip = RESTORE_CODE;
+    regs.rsp = STACK_TOP;
+    regs.rflags = 0x2;
+    restored.set_regs(&regs)?;
+    run_to_hlt(&mut restored)?;
+    if guest.read(TILE_OUT, 1024)? != data {
+        return Err("tmm0 stored by the restored vCPU differs".into());
+    }
+    Ok(())
+}
+
+/// Sets the guest CPUID (XSAVE and AMX) and CR4.OSXSAVE so that the guest may XSETBV.
+fn enable_xsave(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), Box<dyn std::error::Error>> {
+    const CR4_OSXSAVE: u64 = 1 << 18;
+    vcpu.set_cpuid2(cpuid)?;
+    let mut sregs = vcpu.get_sregs()?;
+    sregs.cr4 |= CR4_OSXSAVE;
+    vcpu.set_sregs(&sregs)?;
+    Ok(())
+}
+
+fn run_to_hlt(vcpu: &mut VcpuFd) -> Result<(), Box<dyn std::error::Error>> {
+    loop {
+        match vcpu.run()? {
+            VcpuExit::Hlt => return Ok(()),
+            VcpuExit::Intr => continue,
+            other => return Err(format!("restored vCPU exited with {other:?}").into()),
+        }
+    }
+}
+
+/// Guest CPUID for a real guest: limited leaf 0xD keeps other leaves intact.
+fn guest_cpuid_keeps_other_leaves(kvm: &Kvm) -> TestResult {
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+    let host = SystemHost::new(kvm);
+    let permission = GuestPermission::request(&host, XFeatureSet::LEGACY)?;
+    let guest = permission.guest_cpuid(&supported)?;
+    let not_d = |c: &CpuId| -> Vec<kvm_cpuid_entry2> {
+        c.as_slice()
+            .iter()
+            .filter(|e| e.function != 0xd)
+            .copied()
+            .collect()
+    };
+    ensure!(not_d(&guest) == not_d(&supported), "other leaves changed");
+    let layout = XsaveLayout::from_kvm_cpuid(&guest)?;
+    ensure!(
+        layout.xcr0_supported() == permission.guest_features(),
+        "guest leaf 0xD has {}, permission gives {}",
+        layout.xcr0_supported(),
+        permission.guest_features()
+    );
+    let cost = permission.cost(&layout)?;
+    ensure!(
+        cost.components == permission.guest_features().intersection(XFeatureSet::AMX),
+        "cost counts {}",
+        cost.components
+    );
+    eprintln!("per-vCPU cost here: {cost:?}");
+    Ok(())
+}
+
+fn main() {
+    if let Ok(scenario) = std::env::var(CHILD_ENV) {
+        match child(&scenario) {
+            Ok(report) => {
+                for (k, v) in report.0 {
+                    println!("{k}={v}");
+                }
+                std::process::exit(0);
+            }
+            Err(e) => {
+                eprintln!("scenario {scenario}: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
+    harness::main(vec![
+        KvmTest::new(
+            "queries_in_a_pristine_process",
+            queries_in_a_pristine_process,
+        ),
+        KvmTest::new("policy_request_for_tiledata", policy_request_for_tiledata),
+        KvmTest::new(
+            "kernel_grants_tiledata_where_the_cpu_has_it",
+            kernel_grants_tiledata_where_the_cpu_has_it,
+        ),
+        KvmTest::new(
+            "einval_for_a_component_beyond_the_kernel",
+            einval_for_a_component_beyond_the_kernel,
+        ),
+        KvmTest::new(
+            "eopnotsupp_for_a_static_component",
+            eopnotsupp_for_a_static_component,
+        ),
+        KvmTest::new("ebusy_after_the_first_vcpu", ebusy_after_the_first_vcpu),
+        KvmTest::new("kvm_guest_perm_attribute", kvm_guest_perm_attribute),
+        KvmTest::new(
+            "xsave2_size_matches_the_layout",
+            xsave2_size_matches_the_layout,
+        ),
+        KvmTest::new("xsave_round_trip", xsave_round_trip),
+        KvmTest::new(
+            "guest_cpuid_keeps_other_leaves",
+            guest_cpuid_keeps_other_leaves,
+        ),
+        KvmTest::new(
+            "amx_tiles_survive_save_restore",
+            amx_tiles_survive_save_restore,
+        ),
+    ])
+}
