@@ -467,6 +467,31 @@ fn kvm_guest_perm_attribute(_kvm: &Kvm) -> TestResult {
     }
 }
 
+/// Requests every kernel refuses leave this process's permission alone, so they can run in
+/// the test process itself: component 64 (EINVAL), AVX (EOPNOTSUPP) and, where KVM does not
+/// offer it, the proposed KVM attribute.
+fn refused_requests_change_nothing(kvm: &Kvm) -> TestResult {
+    let host = SystemHost::new(kvm);
+    let before = host.guest_permitted()?;
+    let errno = |r: host::Result<()>| r.err().map(|e| e.errno());
+    let e = errno(host.request_guest_perm(RequestPath::ArchPrctl, 64));
+    ensure!(e == Some(libc::EINVAL), "component 64: {e:?}");
+    let e = errno(host.request_guest_perm(RequestPath::ArchPrctl, XFeature::Avx.index()));
+    ensure!(e == Some(libc::EOPNOTSUPP), "component 2: {e:?}");
+    if !host.kvm_offers_guest_perm_attr()? {
+        let e = errno(host.request_guest_perm(RequestPath::KvmDeviceAttr, 64));
+        ensure!(
+            matches!(e, Some(libc::EINVAL) | Some(libc::ENXIO)),
+            "attr 1 on a kernel without it: {e:?}"
+        );
+    }
+    ensure!(
+        host.guest_permitted()? == before,
+        "a refused request changed the permission"
+    );
+    Ok(())
+}
+
 /// The layout KVM reports agrees with the host CPU's, and KVM_CAP_XSAVE2 is the standard
 /// size of what guests of this process may use. (No test in this process requests.)
 fn xsave2_size_matches_the_layout(kvm: &Kvm) -> TestResult {
@@ -762,6 +787,10 @@ fn main() {
         ),
         KvmTest::new("ebusy_after_the_first_vcpu", ebusy_after_the_first_vcpu),
         KvmTest::new("kvm_guest_perm_attribute", kvm_guest_perm_attribute),
+        KvmTest::new(
+            "refused_requests_change_nothing",
+            refused_requests_change_nothing,
+        ),
         KvmTest::new(
             "xsave2_size_matches_the_layout",
             xsave2_size_matches_the_layout,
