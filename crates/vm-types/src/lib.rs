@@ -2,7 +2,9 @@
 //! a guard against guest-state access on protected VMs.
 #![deny(missing_docs)]
 
+pub mod host;
 pub mod sys;
 pub mod vm_type;
 
+pub use host::{create_vm, create_vm_raw, supported_vm_types, VmTypeSet};
 pub use vm_type::{LaunchFlow, LinuxVersion, UnknownVmType, VmType};
