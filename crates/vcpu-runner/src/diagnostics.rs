@@ -3,79 +3,20 @@
 
 use std::fmt;
 
-use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs, KVM_EXIT_INTERNAL_ERROR};
+use kvm_bindings::{kvm_run, KVM_EXIT_INTERNAL_ERROR};
 use kvm_ioctls::VcpuFd;
+use sync_regs::RegisterDump;
 
 use crate::dispatch::ExitStats;
 use crate::sys::KVM_INTERNAL_ERROR_MAX_DATA;
 
-/// The registers of a vCPU at the moment it failed.
-///
-/// Read with `KVM_GET_REGS` and `KVM_GET_SREGS`. This is the one place a register dump is
-/// taken; when the `sync-regs` crate's `RegisterDump` lands it replaces this type and
-/// [`capture_registers`].
-#[derive(Clone, Copy)]
-pub struct RegisterDump {
-    /// General-purpose registers, RIP and RFLAGS.
-    pub regs: kvm_regs,
-    /// Segment, control and descriptor-table registers.
-    pub sregs: kvm_sregs,
-}
-
-impl fmt::Debug for RegisterDump {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl fmt::Display for RegisterDump {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let r = &self.regs;
-        writeln!(
-            f,
-            "RAX={:016x} RBX={:016x} RCX={:016x} RDX={:016x}",
-            r.rax, r.rbx, r.rcx, r.rdx
-        )?;
-        writeln!(
-            f,
-            "RSI={:016x} RDI={:016x} RBP={:016x} RSP={:016x}",
-            r.rsi, r.rdi, r.rbp, r.rsp
-        )?;
-        writeln!(
-            f,
-            "R8 ={:016x} R9 ={:016x} R10={:016x} R11={:016x}",
-            r.r8, r.r9, r.r10, r.r11
-        )?;
-        writeln!(
-            f,
-            "R12={:016x} R13={:016x} R14={:016x} R15={:016x}",
-            r.r12, r.r13, r.r14, r.r15
-        )?;
-        writeln!(f, "RIP={:016x} RFL={:08x}", r.rip, r.rflags)?;
-        let s = &self.sregs;
-        for (name, seg) in [("CS", &s.cs), ("DS", &s.ds), ("SS", &s.ss), ("TR", &s.tr)] {
-            writeln!(
-                f,
-                "{name} ={:04x} {:016x} {:08x} type={:x} l={} db={} p={}",
-                seg.selector, seg.base, seg.limit, seg.type_, seg.l, seg.db, seg.present
-            )?;
-        }
-        writeln!(f, "GDT={:016x} {:08x}", s.gdt.base, s.gdt.limit)?;
-        writeln!(f, "IDT={:016x} {:08x}", s.idt.base, s.idt.limit)?;
-        write!(
-            f,
-            "CR0={:016x} CR2={:016x} CR3={:016x} CR4={:016x} EFER={:016x}",
-            s.cr0, s.cr2, s.cr3, s.cr4, s.efer
-        )
-    }
-}
-
-/// Reads the registers of `fd` for a dump.
+/// Reads the registers and events of `fd` for a dump, with `KVM_GET_REGS`, `KVM_GET_SREGS`
+/// and `KVM_GET_VCPU_EVENTS`; the events are left out if only their ioctl fails.
 pub fn capture_registers(fd: &VcpuFd) -> Result<RegisterDump, kvm_ioctls::Error> {
-    Ok(RegisterDump {
-        regs: fd.get_regs()?,
-        sregs: fd.get_sregs()?,
-    })
+    let regs = fd.get_regs()?;
+    let sregs = fd.get_sregs()?;
+    let events = fd.get_vcpu_events().ok();
+    Ok(RegisterDump::new(regs, sregs, events))
 }
 
 /// A copy of `kvm_run.internal` from a `KVM_EXIT_INTERNAL_ERROR`.
@@ -218,16 +159,13 @@ mod tests {
 
     #[test]
     fn dump_and_diagnostics_display() {
-        let mut regs = kvm_regs {
+        let regs = kvm_bindings::kvm_regs {
             rip: 0x1_0000,
+            rax: 0x42,
             ..Default::default()
         };
-        regs.rax = 0x42;
-        let dump = RegisterDump {
-            regs,
-            sregs: kvm_sregs::default(),
-        };
-        let text = format!("{dump:?}");
+        let dump = RegisterDump::new(regs, kvm_bindings::kvm_sregs::default(), None);
+        let text = format!("{dump}");
         assert!(text.contains("RIP=0000000000010000"), "{text}");
         assert!(text.contains("RAX=0000000000000042"), "{text}");
         let diag = Diagnostics {
