@@ -278,6 +278,13 @@ impl Shared {
 
     fn kick(&self) -> Result<()> {
         self.kick_pending.store(true, Ordering::Release);
+        // A created, paused or exited vCPU is not in KVM_RUN and cannot get there without
+        // first publishing `Running` under this lock and then taking the flag stored above,
+        // so the signal is only needed while it runs. Skipping it keeps real-time signals
+        // from piling up in the queue while a paused vCPU takes many commands.
+        if !matches!(self.state(), VcpuState::Running) {
+            return Ok(());
+        }
         match self.target.get() {
             Some(target) => target.kick().map_err(|source| Error::Kick {
                 vcpu: self.index,
@@ -799,6 +806,10 @@ mod tests {
             }
         ));
         // No thread to signal yet: a kick only records itself.
+        shared.kick().unwrap();
+        assert!(shared.kick_pending.swap(false, Ordering::AcqRel));
+        // Not running: recorded, no signal needed.
+        shared.set_state(VcpuState::Paused);
         shared.kick().unwrap();
         assert!(shared.kick_pending.load(Ordering::Acquire));
     }
