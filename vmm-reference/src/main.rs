@@ -1,10 +1,78 @@
-//! The reference VMM. It does not boot anything yet: the crates it will compose are being
-//! built first. Running it says so and exits with status 2.
+//! `vmm-reference`: parse the command line, build a configuration, build the VM, run it, and
+//! map how it ended to the exit status. Everything else is in the library.
 
-fn main() {
-    eprintln!(
-        "vmm-reference: not built yet; it will boot Linux with the workspace crates \
-         (see README.md, \"Status\")"
-    );
-    std::process::exit(2);
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm_reference::cli::{error_chain, Cli, CliCommand, EXIT_USAGE};
+use vmm_reference::terminal::RawTerminal;
+use vmm_reference::vmm::Vmm;
+use vmm_reference::{demo, initramfs, probe};
+
+/// Exit status for a failure of the VMM itself (KVM setup, I/O).
+const EXIT_VMM_ERROR: u8 = 4;
+
+fn fail(code: u8, e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("vmm-reference: error: {}", error_chain(e));
+    ExitCode::from(code)
+}
+
+fn boot(args: &vmm_reference::cli::BootArgs) -> ExitCode {
+    let config = match args.to_config().and_then(|c| c.validate()) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_USAGE as u8, &e),
+    };
+    let vmm = match Vmm::build(&config, Box::new(std::io::stdout())) {
+        Ok(v) => v,
+        Err(e) => return fail(EXIT_VMM_ERROR, &e),
+    };
+    // Restored when `terminal` drops, on every return below.
+    let terminal = match RawTerminal::enter_if_tty(libc::STDIN_FILENO) {
+        Ok(t) => t,
+        Err(e) => return fail(EXIT_VMM_ERROR, &e),
+    };
+    if let Err(e) = vmm.forward_console_input(std::io::stdin()) {
+        return fail(EXIT_VMM_ERROR, &e);
+    }
+    let outcome = vmm.run();
+    drop(terminal);
+    match outcome {
+        Ok(outcome) => {
+            eprintln!("\nvmm-reference: {outcome}");
+            ExitCode::from(outcome.exit_code() as u8)
+        }
+        Err(e) => fail(EXIT_VMM_ERROR, &e),
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match &cli.command {
+        CliCommand::Boot(args) => boot(args),
+        CliCommand::Probe { json } => match probe::probe() {
+            Ok(report) if *json => match serde_json::to_string_pretty(&report) {
+                Ok(s) => {
+                    println!("{s}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_VMM_ERROR, &e),
+            },
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(EXIT_VMM_ERROR, &e),
+        },
+        CliCommand::Demo(args) => {
+            match demo::run(&args.busybox, args.vcpus, &args.end, args.nested) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => fail(EXIT_VMM_ERROR, &e),
+            }
+        }
+        CliCommand::Initramfs { out, busybox } => match initramfs::write(busybox, out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(EXIT_VMM_ERROR, &e),
+        },
+    }
 }

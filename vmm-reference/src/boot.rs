@@ -1,0 +1,364 @@
+//! Puts a guest into memory the way a boot loader would: the kernel (bzImage or ELF, with
+//! linux-loader), the command line, the initramfs at the top of low RAM, the ACPI and MP
+//! tables, and either the zero page with its e820 map (64-bit boot protocol) or the PVH start
+//! info with its memory map and module list.
+
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::elf::PvhBootCapability;
+use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, KernelLoaderResult};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::config::ValidConfig;
+use crate::kernel_image::KernelFormat;
+use crate::memory::{self, E820Entry};
+use crate::regs::{self, EntryPoint};
+use crate::sys::{
+    ACPI_RSDP_ADDR, BOOT_FLAG_MAGIC, CMDLINE_ADDR, CMDLINE_MAX_LEN, HIMEM_START,
+    LOADER_TYPE_UNDEFINED, PVH_INFO_ADDR, SETUP_HEADER_MAGIC, STARTUP_64_OFFSET,
+    XEN_HVM_START_MAGIC_VALUE, ZERO_PAGE_ADDR,
+};
+use crate::{acpi, mptable};
+
+/// Page size for initramfs alignment.
+const PAGE_SIZE: u64 = 4096;
+/// `hvm_start_info` size.
+const PVH_START_INFO_LEN: u64 = 56;
+/// `hvm_memmap_table_entry` size.
+const PVH_MEMMAP_ENTRY_LEN: u64 = 24;
+/// `hvm_modlist_entry` size.
+const PVH_MODLIST_ENTRY_LEN: u64 = 32;
+/// Highest address the 64-bit protocol lets an initrd end at when the header gives none.
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The kernel file could not be opened.
+    #[error("cannot open kernel {path}")]
+    OpenKernel {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// linux-loader could not load the kernel.
+    #[error("cannot load kernel {path}")]
+    LoadKernel {
+        /// The file.
+        path: PathBuf,
+        /// What linux-loader reported.
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    /// The command line was rejected by linux-loader.
+    #[error("invalid kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The command line could not be written.
+    #[error("cannot write the kernel command line")]
+    WriteCmdline(#[source] linux_loader::loader::Error),
+    /// The initramfs could not be opened.
+    #[error("cannot open initramfs {path}")]
+    OpenInitramfs {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The initramfs does not fit between the kernel and the top of low RAM.
+    #[error(
+        "initramfs of {size} bytes does not fit between the kernel end {kernel_end:#x} and \
+         {limit:#x}; give the guest more memory"
+    )]
+    InitramfsDoesNotFit {
+        /// Its size.
+        size: u64,
+        /// End of the loaded kernel.
+        kernel_end: u64,
+        /// Highest usable end address.
+        limit: u64,
+    },
+    /// The initramfs could not be read into guest memory.
+    #[error("cannot read initramfs {path} into guest memory")]
+    ReadInitramfs {
+        /// The file.
+        path: PathBuf,
+        /// What vm-memory reported.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// ACPI tables.
+    #[error("cannot write ACPI tables")]
+    Acpi(#[from] acpi::Error),
+    /// MP table.
+    #[error("cannot write the MP table")]
+    MpTable(#[from] mptable::Error),
+    /// GDT, page tables.
+    #[error("cannot write boot tables")]
+    Tables(#[from] regs::Error),
+    /// The zero page could not be written.
+    #[error("cannot write the zero page")]
+    ZeroPage(#[source] linux_loader::configurator::Error),
+    /// The PVH start info could not be written.
+    #[error("cannot write the PVH start info")]
+    PvhInfo(#[source] vm_memory::GuestMemoryError),
+}
+
+/// Result of this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Where the initramfs went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitramfsPlacement {
+    /// Guest address.
+    pub addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Loads everything for `cfg` into `mem` and returns where the boot vCPU starts.
+pub fn load(mem: &GuestMemoryMmap, cfg: &ValidConfig) -> Result<EntryPoint> {
+    let c = cfg.config();
+    let mut kernel = File::open(&c.kernel).map_err(|source| Error::OpenKernel {
+        path: c.kernel.clone(),
+        source,
+    })?;
+    let loaded = match cfg.kernel_format() {
+        KernelFormat::BzImage => {
+            BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
+        }
+        KernelFormat::Elf => Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))),
+    }
+    .map_err(|source| Error::LoadKernel {
+        path: c.kernel.clone(),
+        source,
+    })?;
+
+    let cmdline = Cmdline::try_from(&c.cmdline, CMDLINE_MAX_LEN).map_err(Error::Cmdline)?;
+    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cmdline).map_err(Error::WriteCmdline)?;
+
+    let initrd_max = loaded
+        .setup_header
+        .map(|h| u64::from(h.initrd_addr_max))
+        .filter(|m| *m != 0)
+        .unwrap_or(DEFAULT_INITRD_ADDR_MAX);
+    let initramfs = match &c.initramfs {
+        None => None,
+        Some(path) => Some(load_initramfs(
+            mem,
+            cfg,
+            path,
+            loaded.kernel_end,
+            initrd_max,
+        )?),
+    };
+
+    let rsdp = acpi::write_tables(mem, GuestAddress(ACPI_RSDP_ADDR), c.vcpus as u8)?;
+    mptable::write(mem, c.vcpus as u8)?;
+    regs::write_boot_tables(mem)?;
+    let e820 = memory::e820_map(cfg.mem_bytes());
+
+    match (cfg.kernel_format(), loaded.pvh_boot_cap) {
+        (KernelFormat::Elf, PvhBootCapability::PvhEntryPresent(entry)) => {
+            write_pvh_info(mem, &e820, initramfs, rsdp.0)?;
+            Ok(EntryPoint::Pvh {
+                eip: entry.0,
+                start_info: PVH_INFO_ADDR,
+            })
+        }
+        (format, _) => {
+            let rip = match format {
+                KernelFormat::BzImage => loaded.kernel_load.0 + STARTUP_64_OFFSET,
+                KernelFormat::Elf => loaded.kernel_load.0,
+            };
+            write_zero_page(mem, &loaded, &e820, initramfs, rsdp.0, &cmdline)?;
+            Ok(EntryPoint::Linux64 {
+                rip,
+                zero_page: ZERO_PAGE_ADDR,
+            })
+        }
+    }
+}
+
+/// The highest page-aligned address below `limit` where `size` bytes fit above `kernel_end`.
+pub fn initramfs_addr(size: u64, kernel_end: u64, limit: u64) -> Option<u64> {
+    let addr = limit.checked_sub(size)? & !(PAGE_SIZE - 1);
+    (addr >= kernel_end).then_some(addr)
+}
+
+fn load_initramfs(
+    mem: &GuestMemoryMmap,
+    cfg: &ValidConfig,
+    path: &PathBuf,
+    kernel_end: u64,
+    initrd_max: u64,
+) -> Result<InitramfsPlacement> {
+    let mut file = File::open(path).map_err(|source| Error::OpenInitramfs {
+        path: path.clone(),
+        source,
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|source| Error::OpenInitramfs {
+            path: path.clone(),
+            source,
+        })?
+        .len();
+    let limit = memory::low_ram_end(cfg.mem_bytes()).min(initrd_max.saturating_add(1));
+    let addr = initramfs_addr(size, kernel_end, limit).ok_or(Error::InitramfsDoesNotFit {
+        size,
+        kernel_end,
+        limit,
+    })?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|source| Error::ReadInitramfs {
+            path: path.clone(),
+            source,
+        })?;
+    Ok(InitramfsPlacement { addr, size })
+}
+
+fn write_zero_page(
+    mem: &GuestMemoryMmap,
+    loaded: &KernelLoaderResult,
+    e820: &[E820Entry],
+    initramfs: Option<InitramfsPlacement>,
+    rsdp: u64,
+    cmdline: &Cmdline,
+) -> Result<()> {
+    let mut params = boot_params {
+        hdr: loaded.setup_header.unwrap_or_else(|| setup_header {
+            boot_flag: BOOT_FLAG_MAGIC,
+            header: SETUP_HEADER_MAGIC,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
+    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+    params.hdr.cmdline_size = cmdline
+        .as_cstring()
+        .map(|s| s.as_bytes().len())
+        .unwrap_or(0) as u32;
+    if let Some(i) = initramfs {
+        params.hdr.ramdisk_image = i.addr as u32;
+        params.hdr.ramdisk_size = i.size as u32;
+    }
+    params.acpi_rsdp_addr = rsdp;
+    for (slot, e) in params.e820_table.iter_mut().zip(e820) {
+        *slot = boot_e820_entry {
+            addr: e.addr,
+            size: e.size,
+            r#type: e.kind,
+        };
+    }
+    params.e820_entries = e820.len() as u8;
+    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+        &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_ADDR)),
+        mem,
+    )
+    .map_err(Error::ZeroPage)
+}
+
+/// The PVH start info, memory map and module list as bytes, laid out from `base`.
+pub fn pvh_info_bytes(
+    base: u64,
+    e820: &[E820Entry],
+    initramfs: Option<InitramfsPlacement>,
+    rsdp: u64,
+) -> Vec<u8> {
+    let memmap = base + PVH_START_INFO_LEN.next_multiple_of(8);
+    let modlist = memmap + PVH_MEMMAP_ENTRY_LEN * e820.len() as u64;
+    let mut b = Vec::new();
+    b.extend_from_slice(&XEN_HVM_START_MAGIC_VALUE.to_le_bytes());
+    b.extend_from_slice(&1u32.to_le_bytes()); // version
+    b.extend_from_slice(&0u32.to_le_bytes()); // flags
+    b.extend_from_slice(&u32::from(initramfs.is_some()).to_le_bytes()); // nr_modules
+    b.extend_from_slice(&(if initramfs.is_some() { modlist } else { 0 }).to_le_bytes());
+    b.extend_from_slice(&CMDLINE_ADDR.to_le_bytes());
+    b.extend_from_slice(&rsdp.to_le_bytes());
+    b.extend_from_slice(&memmap.to_le_bytes());
+    b.extend_from_slice(&(e820.len() as u32).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes()); // reserved
+    b.resize((memmap - base) as usize, 0);
+    for e in e820 {
+        b.extend_from_slice(&e.addr.to_le_bytes());
+        b.extend_from_slice(&e.size.to_le_bytes());
+        b.extend_from_slice(&e.kind.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+    }
+    if let Some(i) = initramfs {
+        b.extend_from_slice(&i.addr.to_le_bytes());
+        b.extend_from_slice(&i.size.to_le_bytes());
+        b.extend_from_slice(&[0u8; 16]); // module cmdline, reserved
+    }
+    debug_assert_eq!(
+        b.len() as u64,
+        modlist - base + PVH_MODLIST_ENTRY_LEN * u64::from(initramfs.is_some())
+    );
+    b
+}
+
+fn write_pvh_info(
+    mem: &GuestMemoryMmap,
+    e820: &[E820Entry],
+    initramfs: Option<InitramfsPlacement>,
+    rsdp: u64,
+) -> Result<()> {
+    let bytes = pvh_info_bytes(PVH_INFO_ADDR, e820, initramfs, rsdp);
+    mem.write_slice(&bytes, GuestAddress(PVH_INFO_ADDR))
+        .map_err(Error::PvhInfo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn pvh_layout() {
+        let e820 = memory::e820_map(256 << 20);
+        let b = pvh_info_bytes(
+            PVH_INFO_ADDR,
+            &e820,
+            Some(InitramfsPlacement {
+                addr: 0x800_0000,
+                size: 0x1000,
+            }),
+            ACPI_RSDP_ADDR,
+        );
+        assert_eq!(&b[0..4], &XEN_HVM_START_MAGIC_VALUE.to_le_bytes());
+        assert_eq!(u32::from_le_bytes(b[12..16].try_into().unwrap()), 1);
+        let memmap = u64::from_le_bytes(b[40..48].try_into().unwrap());
+        assert_eq!(memmap, PVH_INFO_ADDR + 56);
+        let modlist = u64::from_le_bytes(b[16..24].try_into().unwrap());
+        let m = (modlist - PVH_INFO_ADDR) as usize;
+        assert_eq!(
+            u64::from_le_bytes(b[m..m + 8].try_into().unwrap()),
+            0x800_0000
+        );
+        let none = pvh_info_bytes(PVH_INFO_ADDR, &e820, None, 0);
+        assert_eq!(u64::from_le_bytes(none[16..24].try_into().unwrap()), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn initramfs_placement(size in 0u64..(1 << 30), kernel_end in 0u64..(1 << 29), limit in 0u64..(1 << 30)) {
+            match initramfs_addr(size, kernel_end, limit) {
+                Some(a) => {
+                    prop_assert_eq!(a % PAGE_SIZE, 0);
+                    prop_assert!(a >= kernel_end && a + size <= limit);
+                }
+                None => prop_assert!(size > limit || ((limit - size) & !(PAGE_SIZE - 1)) < kernel_end),
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The command line: `boot`, `probe`, `demo` and `initramfs`, and what each maps to.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, Overrides, VmConfig};
+
+/// Exit status for invalid input (as clap uses for usage errors).
+pub const EXIT_USAGE: i32 = 2;
+
+/// vmm-reference: boot Linux on KVM with a serial console, composed from the workspace crates.
+#[derive(Debug, Parser)]
+#[command(name = "vmm-reference", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CliCommand,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CliCommand {
+    /// Boot a kernel with an initramfs; the guest's serial console is this terminal.
+    Boot(BootArgs),
+    /// Report what this host's KVM offers each crate.
+    Probe {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prepare the default guest (Debian cloud kernel, busybox initramfs; cached) and boot it,
+    /// directly with hardware virtualization, else inside the nested test host.
+    Demo(DemoArgs),
+    /// Write the default busybox initramfs (newc cpio).
+    Initramfs {
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// A static busybox.
+        #[arg(long, default_value = crate::demo::DEFAULT_BUSYBOX)]
+        busybox: PathBuf,
+    },
+}
+
+/// `boot` flags; each overrides the same key of `--config`.
+#[derive(Debug, Args)]
+pub struct BootArgs {
+    /// JSON config file with the keys kernel, initramfs, cmdline, mem_mib, vcpus, amx,
+    /// nested_virt.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Kernel: a bzImage, or an ELF vmlinux with a PVH note.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs (cpio, optionally compressed).
+    #[arg(long)]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1"].
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Guest memory in MiB [default: 256].
+    #[arg(long)]
+    pub mem_mib: Option<u64>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Give the guest AMX where the CPU and KVM allow it.
+    #[arg(long)]
+    pub amx: bool,
+    /// Expose VMX/SVM to the guest.
+    #[arg(long)]
+    pub nested_virt: bool,
+}
+
+/// `demo` flags.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u32,
+    /// What the guest's init does after the marker: poweroff, reboot or shell.
+    #[arg(long, default_value = "poweroff")]
+    pub end: String,
+    /// Use the nested test host even where hardware virtualization is available.
+    #[arg(long)]
+    pub nested: bool,
+    /// A static busybox for the initramfs.
+    #[arg(long, default_value = crate::demo::DEFAULT_BUSYBOX)]
+    pub busybox: PathBuf,
+}
+
+impl BootArgs {
+    /// The configuration these flags (and their config file) describe.
+    pub fn to_config(&self) -> config::Result<VmConfig> {
+        VmConfig::from_file_and_flags(
+            self.config.as_deref(),
+            Overrides {
+                kernel: self.kernel.clone(),
+                initramfs: self.initramfs.clone(),
+                cmdline: self.cmdline.clone(),
+                mem_mib: self.mem_mib,
+                vcpus: self.vcpus,
+                amx: self.amx,
+                nested_virt: self.nested_virt,
+            },
+        )
+    }
+}
+
+/// An error with its chain of causes on one line each, as the binary prints it.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn boot_flags_make_a_config() {
+        let cli = Cli::try_parse_from([
+            "vmm-reference",
+            "boot",
+            "--kernel",
+            "/k",
+            "--vcpus",
+            "2",
+            "--mem-mib",
+            "128",
+        ])
+        .unwrap();
+        let CliCommand::Boot(args) = cli.command else {
+            panic!("not boot")
+        };
+        let c = args.to_config().unwrap();
+        assert_eq!((c.vcpus, c.mem_mib), (2, 128));
+        assert_eq!(c.cmdline, config::DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn error_chain_joins_sources() {
+        let e = config::Error::Kernel {
+            path: "/k".into(),
+            source: crate::kernel_image::Error::NotAKernel,
+        };
+        assert!(error_chain(&e).starts_with("kernel /k: is not a kernel"));
+    }
+}

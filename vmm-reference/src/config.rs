@@ -1,0 +1,411 @@
+//! The VM configuration: what `boot` flags and a JSON config file both describe, and its
+//! validation, done before any KVM object exists so that bad input gives a specific error.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::kernel_image::{self, KernelFormat};
+use crate::sys::{CMDLINE_MAX_LEN, MAX_VCPUS};
+
+/// The default kernel command line: serial console, reboot through the i8042 (which this VMM
+/// reports as a reset), and reboot at once on a panic instead of hanging.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// Default guest memory.
+pub const DEFAULT_MEM_MIB: u64 = 256;
+/// The least memory accepted: the Debian cloud kernel needs about 40 MiB to decompress and run
+/// its init, so less fails late inside the guest instead of early here.
+pub const MIN_MEM_MIB: u64 = 64;
+/// The most memory accepted (64 GiB): guest RAM is one anonymous mapping per region.
+pub const MAX_MEM_MIB: u64 = 64 * 1024;
+
+/// Errors of configuration loading and validation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The config file could not be opened or read.
+    #[error("cannot read config file {path}")]
+    ReadConfig {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The config file is not valid JSON for a [`VmConfig`] (unknown keys included).
+    #[error("invalid config file {path}: {source}")]
+    ParseConfig {
+        /// The file.
+        path: PathBuf,
+        /// What serde found.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Neither a flag nor the config file named a kernel.
+    #[error("no kernel given: pass --kernel or a config file with \"kernel\"")]
+    NoKernel,
+    /// `vcpus` is zero.
+    #[error("vcpus must be at least 1")]
+    NoVcpus,
+    /// `vcpus` exceeds what one-byte APIC IDs in the MP table allow.
+    #[error("too many vcpus: {requested} requested, at most {max} supported")]
+    TooManyVcpus {
+        /// What was asked.
+        requested: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// Less memory than a Linux guest needs.
+    #[error("too little memory: {mem_mib} MiB, at least {min} MiB needed")]
+    TooLittleMemory {
+        /// What was asked.
+        mem_mib: u64,
+        /// The limit.
+        min: u64,
+    },
+    /// More memory than this VMM maps.
+    #[error("too much memory: {mem_mib} MiB, at most {max} MiB supported")]
+    TooMuchMemory {
+        /// What was asked.
+        mem_mib: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The command line does not fit the boot protocol's buffer.
+    #[error("kernel command line too long: {len} bytes, at most {max}")]
+    CmdlineTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit (without the NUL).
+        max: usize,
+    },
+    /// The kernel file is missing, unreadable, truncated or not a kernel.
+    #[error("kernel {path}")]
+    Kernel {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: kernel_image::Error,
+    },
+    /// The initramfs cannot be opened or its size read.
+    #[error("cannot open initramfs {path}")]
+    Initramfs {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The initramfs does not fit in guest memory.
+    #[error(
+        "initramfs {path} is larger than guest memory: {size} bytes, guest memory {mem_mib} MiB"
+    )]
+    InitramfsTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// Guest memory.
+        mem_mib: u64,
+    },
+}
+
+/// Result of this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything needed to build a VM; the JSON config file has exactly these keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// A bzImage, or an ELF vmlinux (booted through its PVH note when it has one).
+    pub kernel: PathBuf,
+    /// An initramfs (cpio, optionally compressed), loaded as the initrd.
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    /// The kernel command line.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    /// Guest memory in MiB.
+    #[serde(default = "default_mem_mib")]
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    /// Ask for the AMX guest permission (granted only where the CPU and KVM allow it).
+    #[serde(default)]
+    pub amx: bool,
+    /// Expose the host's VMX or SVM to the guest (nested virtualization); with VMX, the VMM
+    /// also provides IA32_FEATURE_CONTROL as firmware would.
+    #[serde(default)]
+    pub nested_virt: bool,
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+fn default_mem_mib() -> u64 {
+    DEFAULT_MEM_MIB
+}
+fn default_vcpus() -> u32 {
+    1
+}
+
+/// Values given on the command line; each present one overrides the config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--kernel`.
+    pub kernel: Option<PathBuf>,
+    /// `--initramfs`.
+    pub initramfs: Option<PathBuf>,
+    /// `--cmdline`.
+    pub cmdline: Option<String>,
+    /// `--mem-mib`.
+    pub mem_mib: Option<u64>,
+    /// `--vcpus`.
+    pub vcpus: Option<u32>,
+    /// `--amx`.
+    pub amx: bool,
+    /// `--nested-virt`.
+    pub nested_virt: bool,
+}
+
+/// A configuration whose values and files were checked; only this builds a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidConfig {
+    config: VmConfig,
+    kernel_format: KernelFormat,
+    initramfs_size: Option<u64>,
+}
+
+impl ValidConfig {
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+    /// What the kernel file is.
+    pub fn kernel_format(&self) -> KernelFormat {
+        self.kernel_format
+    }
+    /// The initramfs size in bytes, if there is one.
+    pub fn initramfs_size(&self) -> Option<u64> {
+        self.initramfs_size
+    }
+    /// Guest memory in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.config.mem_mib << 20
+    }
+}
+
+impl VmConfig {
+    /// Parses a JSON config; unknown keys are an error.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        serde_json::from_str(text).map_err(|source| Error::ParseConfig {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Reads and parses a JSON config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text, path)
+    }
+
+    /// Builds a configuration from an optional config file and flags that override it.
+    pub fn from_file_and_flags(file: Option<&Path>, flags: Overrides) -> Result<Self> {
+        let base = file.map(Self::from_file).transpose()?;
+        let kernel = flags
+            .kernel
+            .or_else(|| base.as_ref().map(|b| b.kernel.clone()))
+            .ok_or(Error::NoKernel)?;
+        let base = base.unwrap_or_else(|| VmConfig {
+            kernel: kernel.clone(),
+            initramfs: None,
+            cmdline: default_cmdline(),
+            mem_mib: default_mem_mib(),
+            vcpus: default_vcpus(),
+            amx: false,
+            nested_virt: false,
+        });
+        Ok(VmConfig {
+            kernel,
+            initramfs: flags.initramfs.or(base.initramfs),
+            cmdline: flags.cmdline.unwrap_or(base.cmdline),
+            mem_mib: flags.mem_mib.unwrap_or(base.mem_mib),
+            vcpus: flags.vcpus.unwrap_or(base.vcpus),
+            amx: flags.amx || base.amx,
+            nested_virt: flags.nested_virt || base.nested_virt,
+        })
+    }
+
+    /// Checks the numbers first, then the files, and returns the proof of validity.
+    pub fn validate(self) -> Result<ValidConfig> {
+        self.check_values()?;
+        let kernel_format = File::open(&self.kernel)
+            .map_err(kernel_image::Error::Open)
+            .and_then(|mut f| KernelFormat::detect(&mut f))
+            .map_err(|source| Error::Kernel {
+                path: self.kernel.clone(),
+                source,
+            })?;
+        let initramfs_size = match &self.initramfs {
+            None => None,
+            Some(path) => {
+                let size = std::fs::metadata(path)
+                    .and_then(|m| {
+                        if m.is_file() {
+                            Ok(m.len())
+                        } else {
+                            Err(io::Error::new(io::ErrorKind::InvalidInput, "not a file"))
+                        }
+                    })
+                    .map_err(|source| Error::Initramfs {
+                        path: path.clone(),
+                        source,
+                    })?;
+                if size >= self.mem_mib << 20 {
+                    return Err(Error::InitramfsTooLarge {
+                        path: path.clone(),
+                        size,
+                        mem_mib: self.mem_mib,
+                    });
+                }
+                Some(size)
+            }
+        };
+        Ok(ValidConfig {
+            config: self,
+            kernel_format,
+            initramfs_size,
+        })
+    }
+
+    fn check_values(&self) -> Result<()> {
+        if self.vcpus == 0 {
+            return Err(Error::NoVcpus);
+        }
+        if self.vcpus > u32::from(MAX_VCPUS) {
+            return Err(Error::TooManyVcpus {
+                requested: self.vcpus,
+                max: u32::from(MAX_VCPUS),
+            });
+        }
+        if self.mem_mib < MIN_MEM_MIB {
+            return Err(Error::TooLittleMemory {
+                mem_mib: self.mem_mib,
+                min: MIN_MEM_MIB,
+            });
+        }
+        if self.mem_mib > MAX_MEM_MIB {
+            return Err(Error::TooMuchMemory {
+                mem_mib: self.mem_mib,
+                max: MAX_MEM_MIB,
+            });
+        }
+        if self.cmdline.len() >= CMDLINE_MAX_LEN {
+            return Err(Error::CmdlineTooLong {
+                len: self.cmdline.len(),
+                max: CMDLINE_MAX_LEN - 1,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config(vcpus: u32, mem_mib: u64) -> VmConfig {
+        VmConfig {
+            kernel: PathBuf::from("/nonexistent/kernel"),
+            initramfs: None,
+            cmdline: DEFAULT_CMDLINE.into(),
+            mem_mib,
+            vcpus,
+            amx: false,
+            nested_virt: false,
+        }
+    }
+
+    #[test]
+    fn json_defaults_and_unknown_keys() {
+        let c = VmConfig::from_json(r#"{"kernel": "/k"}"#, Path::new("c.json")).unwrap();
+        assert_eq!(c.mem_mib, DEFAULT_MEM_MIB);
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        let e = VmConfig::from_json(r#"{"kernel": "/k", "memory": 5}"#, Path::new("c.json"))
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown field `memory`"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("vmmref-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.json");
+        std::fs::write(&path, r#"{"kernel": "/k", "vcpus": 2, "mem_mib": 128}"#).unwrap();
+        let c = VmConfig::from_file_and_flags(
+            Some(&path),
+            Overrides {
+                vcpus: Some(3),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (c.vcpus, c.mem_mib, c.kernel.as_path()),
+            (3, 128, Path::new("/k"))
+        );
+        assert!(matches!(
+            VmConfig::from_file_and_flags(None, Overrides::default()),
+            Err(Error::NoKernel)
+        ));
+        assert!(matches!(
+            VmConfig::from_file_and_flags(Some(&dir.join("missing.json")), Overrides::default()),
+            Err(Error::ReadConfig { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn values_are_checked_before_files() {
+        assert!(matches!(config(0, 256).validate(), Err(Error::NoVcpus)));
+        assert!(matches!(
+            config(255, 256).validate(),
+            Err(Error::TooManyVcpus { requested: 255, .. })
+        ));
+        assert!(matches!(
+            config(1, 16).validate(),
+            Err(Error::TooLittleMemory { mem_mib: 16, .. })
+        ));
+        assert!(matches!(
+            config(1, MAX_MEM_MIB + 1).validate(),
+            Err(Error::TooMuchMemory { .. })
+        ));
+        let mut long = config(1, 256);
+        long.cmdline = "x".repeat(CMDLINE_MAX_LEN);
+        assert!(matches!(long.validate(), Err(Error::CmdlineTooLong { .. })));
+        assert!(matches!(
+            config(1, 256).validate(),
+            Err(Error::Kernel { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn vcpu_and_memory_bounds(vcpus in 0u32..400, mem in 0u64..(MAX_MEM_MIB + 100)) {
+            let result = config(vcpus, mem).validate();
+            let values_ok = (1..=u32::from(MAX_VCPUS)).contains(&vcpus)
+                && (MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem);
+            // With valid values the (missing) kernel file is what fails.
+            prop_assert_eq!(matches!(result, Err(Error::Kernel { .. })), values_ok);
+        }
+    }
+}

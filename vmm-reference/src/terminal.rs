@@ -1,0 +1,183 @@
+//! The host side of the console: the terminal mode while a guest runs, and SIGINT/SIGTERM.
+//!
+//! When stdin is a terminal it is put in a raw-ish mode (no line buffering, no echo, no
+//! input translation) so that keys reach the guest as typed, but `ISIG` stays on: Ctrl-C
+//! still raises SIGINT in the VMM, which ends it cleanly. [`RawTerminal`] restores the saved
+//! mode when dropped, so every exit path of `main` (return, error, unwinding panic) leaves the
+//! terminal as it was.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// The signal that asked the VMM to stop, or 0.
+static TERMINATION_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `tcgetattr` failed.
+    #[error("cannot read the terminal mode")]
+    GetAttr(#[source] io::Error),
+    /// `tcsetattr` failed.
+    #[error("cannot set the terminal mode")]
+    SetAttr(#[source] io::Error),
+    /// `sigaction` failed.
+    #[error("cannot install the handler for signal {signal}")]
+    Sigaction {
+        /// The signal.
+        signal: i32,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Result of this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A terminal in raw mode until dropped.
+#[derive(Debug)]
+pub struct RawTerminal {
+    fd: RawFd,
+    saved: libc::termios,
+    restored: bool,
+}
+
+/// Whether `fd` is a terminal.
+pub fn is_tty(fd: RawFd) -> bool {
+    // SAFETY: isatty only inspects the descriptor number.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+fn get_attr(fd: RawFd) -> Result<libc::termios> {
+    let mut t = std::mem::MaybeUninit::<libc::termios>::zeroed();
+    // SAFETY: `t` is a valid termios buffer for tcgetattr to fill.
+    if unsafe { libc::tcgetattr(fd, t.as_mut_ptr()) } != 0 {
+        return Err(Error::GetAttr(io::Error::last_os_error()));
+    }
+    // SAFETY: tcgetattr succeeded, so it initialized the struct (and zeroed is valid anyway).
+    Ok(unsafe { t.assume_init() })
+}
+
+fn set_attr(fd: RawFd, t: &libc::termios) -> Result<()> {
+    // SAFETY: `t` points to a valid termios; tcsetattr only reads it.
+    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, t) } != 0 {
+        return Err(Error::SetAttr(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The raw mode derived from `saved`: keeps `ISIG` so Ctrl-C still signals the VMM.
+pub fn raw_mode(saved: &libc::termios) -> libc::termios {
+    let mut t = *saved;
+    t.c_iflag &= !(libc::IGNBRK
+        | libc::BRKINT
+        | libc::PARMRK
+        | libc::ISTRIP
+        | libc::INLCR
+        | libc::IGNCR
+        | libc::ICRNL
+        | libc::IXON);
+    t.c_lflag &= !(libc::ECHO | libc::ECHONL | libc::ICANON | libc::IEXTEN);
+    t.c_cc[libc::VMIN] = 1;
+    t.c_cc[libc::VTIME] = 0;
+    t
+}
+
+impl RawTerminal {
+    /// Puts `fd` in raw mode if it is a terminal; `None` if it is not.
+    pub fn enter_if_tty(fd: RawFd) -> Result<Option<Self>> {
+        if !is_tty(fd) {
+            return Ok(None);
+        }
+        let saved = get_attr(fd)?;
+        set_attr(fd, &raw_mode(&saved))?;
+        Ok(Some(RawTerminal {
+            fd,
+            saved,
+            restored: false,
+        }))
+    }
+
+    /// Restores the saved mode now.
+    pub fn restore(&mut self) -> Result<()> {
+        if !self.restored {
+            set_attr(self.fd, &self.saved)?;
+            self.restored = true;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Err(e) = self.restore() {
+            log::error!("{e}");
+        }
+    }
+}
+
+extern "C" fn record_signal(signal: libc::c_int) {
+    TERMINATION_SIGNAL.store(signal, Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM record themselves for [`termination_signal`] instead of killing
+/// the process, so the VMM can stop its vCPUs and restore the terminal.
+pub fn install_termination_handlers() -> Result<()> {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: an all-zero sigaction is a valid starting value (empty mask, no flags).
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = record_signal as extern "C" fn(libc::c_int) as usize;
+        // SAFETY: `action` is fully initialized; the handler only stores to an atomic, which
+        // is async-signal-safe; a null old-action pointer is allowed.
+        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+            return Err(Error::Sigaction {
+                signal,
+                source: io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The SIGINT or SIGTERM received since the handlers were installed, if any.
+pub fn termination_signal() -> Option<i32> {
+    match TERMINATION_SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_mode_keeps_signals() {
+        // SAFETY: an all-zero termios is a valid value to derive from.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        t.c_lflag = libc::ISIG | libc::ICANON | libc::ECHO;
+        t.c_iflag = libc::ICRNL;
+        let r = raw_mode(&t);
+        assert_eq!(r.c_lflag, libc::ISIG);
+        assert_eq!(r.c_iflag, 0);
+        assert_eq!(r.c_cc[libc::VMIN], 1);
+    }
+
+    #[test]
+    fn not_a_tty_is_left_alone() {
+        let (r, _w) = std::os::unix::net::UnixStream::pair().unwrap();
+        use std::os::fd::AsRawFd;
+        assert!(RawTerminal::enter_if_tty(r.as_raw_fd()).unwrap().is_none());
+        assert!(matches!(get_attr(r.as_raw_fd()), Err(Error::GetAttr(_))));
+    }
+
+    #[test]
+    fn handlers_record_the_signal() {
+        install_termination_handlers().unwrap();
+        record_signal(libc::SIGTERM);
+        assert_eq!(termination_signal(), Some(libc::SIGTERM));
+        TERMINATION_SIGNAL.store(0, Ordering::SeqCst);
+    }
+}
