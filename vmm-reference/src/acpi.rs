@@ -92,23 +92,45 @@ fn header(signature: &[u8; 4], len: usize, revision: u8) -> Vec<u8> {
     t
 }
 
-/// The DSDT: `Name (_S5, Package (2) { 5, 0 })` in AML (ACPI 6.4 §20.2.5).
+/// `\_S5`: `Name (_S5, Package (2) { 5, 0 })` in AML (ACPI 6.4 §20.2.5).
+const AML_S5: [u8; 11] = [
+    0x08, // NameOp
+    b'_',
+    b'S',
+    b'5',
+    b'_', // NameString
+    0x12, // PackageOp
+    0x05, // PkgLength: itself, NumElements and the three bytes below
+    0x02, // NumElements
+    0x0a,
+    ACPI_S5_SLEEP_TYPE, // BytePrefix SLP_TYPa
+    0x00,               // ZeroOp: SLP_TYPb
+];
+
+/// `\COM1`, a PNP0501 UART at 0x3f8 with IRQ 4:
+/// `Device (COM1) { Name (_HID, EisaId ("PNP0501")) Name (_CRS, ResourceTemplate () {
+/// IO (Decode16, 0x3F8, 0x3F8, 0, 8) IRQNoFlags () {4} }) }`.
+///
+/// A hardware-reduced guest has no legacy ISA IRQs (Linux installs `null_legacy_pic`), so the
+/// built-in 8250 port's IRQ 4 is mapped to I/O APIC pin 4 only when a PNP device declares it;
+/// without this the console tty never gets its interrupt and user-space output stalls.
+const AML_COM1: [u8; 39] = [
+    0x5b, 0x82, // DeviceOp
+    0x25, // PkgLength: 37 bytes (itself, the name and the two Name objects)
+    b'C', b'O', b'M', b'1', //
+    0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x05, 0x01, // EisaId("PNP0501")
+    0x08, b'_', b'C', b'R', b'S', // Name (_CRS, Buffer
+    0x11, 0x10, 0x0a, 0x0d, // BufferOp, PkgLength 16, BytePrefix size 13
+    0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x00, 0x08, // IO: decode16, 0x3f8..0x3f8, 8 ports
+    0x22, 0x10, 0x00, // IRQNoFlags: IRQ 4
+    0x79, 0x00, // EndTag
+];
+
+/// The DSDT: `\_S5` and the COM1 device.
 pub fn dsdt() -> Vec<u8> {
-    let aml = [
-        0x08, // NameOp
-        b'_',
-        b'S',
-        b'5',
-        b'_', // NameString
-        0x12, // PackageOp
-        0x05, // PkgLength: itself, NumElements and the three bytes below
-        0x02, // NumElements
-        0x0a,
-        ACPI_S5_SLEEP_TYPE, // BytePrefix SLP_TYPa
-        0x00,               // ZeroOp: SLP_TYPb
-    ];
-    let mut t = header(b"DSDT", HEADER_LEN + aml.len(), 2);
-    t[HEADER_LEN..].copy_from_slice(&aml);
+    let mut t = header(b"DSDT", HEADER_LEN + AML_S5.len() + AML_COM1.len(), 2);
+    t[HEADER_LEN..HEADER_LEN + AML_S5.len()].copy_from_slice(&AML_S5);
+    t[HEADER_LEN + AML_S5.len()..].copy_from_slice(&AML_COM1);
     fix_checksum(&mut t, 9);
     t
 }

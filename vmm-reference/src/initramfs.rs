@@ -13,6 +13,7 @@ pub const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /tmp
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
 /bin/busybox --install -s /bin
 cpus=$(grep -c ^processor /proc/cpuinfo)
 marker="VMM-REFERENCE-BOOT-OK cpus=$cpus uptime=$(cut -d' ' -f1 /proc/uptime)"

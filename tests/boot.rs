@@ -1,0 +1,363 @@
+//! End-to-end tests of the `vmm-reference` binary.
+//!
+//! * Bad input (runs anywhere, no KVM): each case must end with exit status 2, a specific
+//!   message, and no panic.
+//! * Boots in the nested real-KVM host (`cargo xtask nested`): one L1 boot runs every scenario
+//!   in turn — the Debian bzImage with 1 and 2 vCPUs, a reboot, and the ELF vmlinux extracted
+//!   from the bzImage through its PVH note — and each test checks its scenario's marker line,
+//!   CPU count, message and exit status. Skipped (ignored, with the reason) only where
+//!   `qemu-system-x86_64` is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+
+const MARKER: &str = "VMM-REFERENCE-BOOT-OK";
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
+}
+
+/// Builds the binary once (this test package cannot name another package's binary).
+fn vmm_bin() -> Result<PathBuf, Failed> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "vmm-reference"])
+            .current_dir(workspace())
+            .status()
+            .map_err(|e| format!("cargo build: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build -p vmm-reference: {status}"));
+        }
+        Ok(target_dir().join("debug/vmm-reference"))
+    })
+    .clone()
+    .map_err(Failed::from)
+}
+
+fn scratch() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmmref-boot-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str]) -> Result<Output, Failed> {
+    Command::new(vmm_bin()?)
+        .args(args)
+        .output()
+        .map_err(|e| Failed::from(format!("running vmm-reference: {e}")))
+}
+
+/// Runs `boot` with `args` and checks status 2, `expected` in stderr and no panic.
+fn expect_usage_error(args: &[&str], expected: &str) -> Result<(), Failed> {
+    let out = run(args)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("panicked") {
+        return Err(format!("panic: {stderr}").into());
+    }
+    if out.status.code() != Some(2) {
+        return Err(format!("exit {:?}, want 2; stderr: {stderr}", out.status.code()).into());
+    }
+    if !stderr.contains(expected) {
+        return Err(format!("stderr lacks {expected:?}: {stderr}").into());
+    }
+    Ok(())
+}
+
+/// A file that looks like a bzImage header whose size fields promise more than the file holds.
+fn truncated_bzimage() -> PathBuf {
+    let mut b = vec![0u8; 0x1000];
+    b[0x1f1] = 1; // setup_sects
+    b[0x1f4..0x1f8].copy_from_slice(&0x10000u32.to_le_bytes()); // syssize: 1 MiB
+    b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    b[0x202..0x206].copy_from_slice(b"HdrS");
+    b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    b[0x236] = 1; // XLF_KERNEL_64
+    let p = scratch().join("truncated-bzImage");
+    std::fs::write(&p, b).unwrap();
+    p
+}
+
+fn small_valid_kernel() -> PathBuf {
+    // Complete as its header describes: (1 + 1) * 512 + 0x10 * 16 bytes.
+    let mut b = vec![0u8; 1024 + 256];
+    b[0x1f1] = 1;
+    b[0x1f4..0x1f8].copy_from_slice(&0x10u32.to_le_bytes());
+    b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    b[0x202..0x206].copy_from_slice(b"HdrS");
+    b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    b[0x236] = 1;
+    let p = scratch().join("small-bzImage");
+    std::fs::write(&p, b).unwrap();
+    p
+}
+
+fn bad_input_trials() -> Vec<Trial> {
+    let s = |p: PathBuf| p.to_string_lossy().into_owned();
+    vec![
+        Trial::test("bad_input::missing_kernel", || {
+            expect_usage_error(
+                &["boot", "--kernel", "/nonexistent/bzImage"],
+                "cannot open the file",
+            )
+        }),
+        Trial::test("bad_input::truncated_kernel", move || {
+            expect_usage_error(
+                &["boot", "--kernel", &s(truncated_bzimage())],
+                "is truncated",
+            )
+        }),
+        Trial::test("bad_input::non_kernel_file", || {
+            let p = scratch().join("not-a-kernel");
+            std::fs::write(&p, vec![0x42u8; 8192]).unwrap();
+            expect_usage_error(
+                &["boot", "--kernel", p.to_str().unwrap()],
+                "is not a kernel",
+            )
+        }),
+        Trial::test("bad_input::initramfs_larger_than_memory", || {
+            let p = scratch().join("big-initramfs");
+            let f = std::fs::File::create(&p).unwrap();
+            f.set_len(65 << 20).unwrap(); // sparse, 65 MiB
+            let k = small_valid_kernel();
+            expect_usage_error(
+                &[
+                    "boot",
+                    "--kernel",
+                    k.to_str().unwrap(),
+                    "--initramfs",
+                    p.to_str().unwrap(),
+                    "--mem-mib",
+                    "64",
+                ],
+                "is larger than guest memory",
+            )
+        }),
+        Trial::test("bad_input::too_little_memory", || {
+            let k = small_valid_kernel();
+            expect_usage_error(
+                &["boot", "--kernel", k.to_str().unwrap(), "--mem-mib", "16"],
+                "too little memory: 16 MiB",
+            )
+        }),
+        Trial::test("bad_input::unknown_config_key", || {
+            let p = scratch().join("config.json");
+            std::fs::write(&p, r#"{"kernel": "/k", "vcpu": 2}"#).unwrap();
+            expect_usage_error(
+                &["boot", "--config", p.to_str().unwrap()],
+                "unknown field `vcpu`",
+            )
+        }),
+        Trial::test("bad_input::zero_vcpus", || {
+            let k = small_valid_kernel();
+            expect_usage_error(
+                &["boot", "--kernel", k.to_str().unwrap(), "--vcpus", "0"],
+                "vcpus must be at least 1",
+            )
+        }),
+        Trial::test("bad_input::too_many_vcpus", || {
+            let k = small_valid_kernel();
+            expect_usage_error(
+                &["boot", "--kernel", k.to_str().unwrap(), "--vcpus", "33"],
+                "too many vcpus: 33 requested",
+            )
+        }),
+        Trial::test("bad_input::config_file_equals_flags", || {
+            let p = scratch().join("config-ok.json");
+            std::fs::write(&p, r#"{"kernel": "/nonexistent/k", "vcpus": 0}"#).unwrap();
+            expect_usage_error(
+                &["boot", "--config", p.to_str().unwrap()],
+                "vcpus must be at least 1",
+            )
+        }),
+    ]
+}
+
+/// The vmlinux inside a bzImage: the payload that `payload_offset`/`payload_length` name,
+/// decompressed with the tool its magic calls for (the kernel's extract-vmlinux approach).
+fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<(), String> {
+    let d = std::fs::read(bzimage).map_err(|e| e.to_string())?;
+    let setup = (if d[0x1f1] == 0 { 4 } else { d[0x1f1] as usize } + 1) * 512;
+    let off = u32::from_le_bytes(d[0x248..0x24c].try_into().unwrap()) as usize;
+    let len = u32::from_le_bytes(d[0x24c..0x250].try_into().unwrap()) as usize;
+    let payload = d
+        .get(setup + off..setup + off + len)
+        .ok_or("payload out of range")?;
+    let tool: &[&str] = match payload {
+        [0x02, 0x21, 0x4c, 0x18, ..] => &["lz4", "-dc"],
+        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => &["xz", "-dc"],
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => &["zstd", "-dc"],
+        [0x1f, 0x8b, ..] => &["gzip", "-dc"],
+        _ => {
+            return Err(format!(
+                "unknown payload compression {:02x?}",
+                &payload[..4]
+            ))
+        }
+    };
+    let compressed = out.with_extension("compressed");
+    std::fs::write(&compressed, payload).map_err(|e| e.to_string())?;
+    let output = Command::new(tool[0])
+        .args(&tool[1..])
+        .arg(&compressed)
+        .output()
+        .map_err(|e| format!("{}: {e}", tool[0]))?;
+    if output.stdout.get(..4) != Some(b"\x7fELF") {
+        return Err(format!("{} did not produce an ELF", tool[0]));
+    }
+    std::fs::write(out, output.stdout).map_err(|e| e.to_string())
+}
+
+/// What the nested run printed, split per scenario.
+struct NestedRun {
+    log: String,
+}
+
+impl NestedRun {
+    fn scenario(&self, name: &str) -> Result<(&str, i32), Failed> {
+        let begin = format!("=== BEGIN {name}\n");
+        let start = self.log.find(&begin).ok_or_else(|| {
+            format!(
+                "scenario {name} never started; log tail:\n{}",
+                tail(&self.log)
+            )
+        })?;
+        let rest = &self.log[start + begin.len()..];
+        let end_tag = format!("=== END {name} rc=");
+        let end = rest
+            .find(&end_tag)
+            .ok_or_else(|| format!("scenario {name} never ended:\n{}", tail(rest)))?;
+        let rc: i32 = rest[end + end_tag.len()..]
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .ok_or("unparsable rc")?;
+        Ok((&rest[..end], rc))
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<_> = s.lines().filter(|l| !l.contains("CPUID[")).collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+const SCRIPT: &str = r#"run() { name=$1; shift; echo "=== BEGIN $name"; /bin/vmm-reference boot "$@" </dev/null; echo "=== END $name rc=$?"; }
+C="console=ttyS0 reboot=k panic=-1 quiet"
+run bz1 --kernel /data/bzImage --initramfs /data/initramfs.cpio --vcpus 1 --cmdline "$C"
+run bz2 --kernel /data/bzImage --initramfs /data/initramfs.cpio --vcpus 2 --cmdline "$C"
+run reboot --kernel /data/bzImage --initramfs /data/initramfs.cpio --vcpus 1 --cmdline "$C vmmref.end=reboot"
+run pvh --kernel /data/vmlinux --initramfs /data/initramfs.cpio --vcpus 2 --cmdline "$C"
+"#;
+
+fn nested_run() -> Result<&'static NestedRun, Failed> {
+    static RUN: OnceLock<Result<NestedRun, String>> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let bin = vmm_bin().map_err(|e| format!("{e:?}"))?;
+        let dir = scratch();
+        let kernel = Command::new(env!("CARGO"))
+            .args(["xtask", "nested-kernel"])
+            .current_dir(workspace())
+            .output()
+            .map_err(|e| e.to_string())?;
+        let kernel = PathBuf::from(String::from_utf8_lossy(&kernel.stdout).trim());
+        let initramfs = dir.join("initramfs.cpio");
+        let st = Command::new(&bin)
+            .args(["initramfs", "--out"])
+            .arg(&initramfs)
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !st.success() {
+            return Err("building the initramfs failed".into());
+        }
+        let vmlinux = dir.join("vmlinux");
+        extract_vmlinux(&kernel, &vmlinux)?;
+        let script = dir.join("e2e.sh");
+        std::fs::write(&script, SCRIPT).map_err(|e| e.to_string())?;
+        let file = |src: &Path, dest: &str| format!("{}:{dest}", src.display());
+        let out = Command::new(env!("CARGO"))
+            .current_dir(workspace())
+            .args(["xtask", "nested", "--timeout", "600", "--file"])
+            .arg(file(&bin, "/bin/vmm-reference"))
+            .arg("--file")
+            .arg(file(&kernel, "/data/bzImage"))
+            .arg("--file")
+            .arg(file(&vmlinux, "/data/vmlinux"))
+            .arg("--file")
+            .arg(file(&initramfs, "/data/initramfs.cpio"))
+            .arg("--file")
+            .arg(file(&script, "/data/e2e.sh"))
+            .args(["--", "/bin/sh", "/data/e2e.sh"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
+        log.push_str(&String::from_utf8_lossy(&out.stderr));
+        Ok(NestedRun { log })
+    })
+    .as_ref()
+    .map_err(|e| Failed::from(e.clone()))
+}
+
+fn expect_boot(name: &str, cpus: u32, message: &str) -> Result<(), Failed> {
+    let run = nested_run()?;
+    let (out, rc) = run.scenario(name)?;
+    let marker = format!("{MARKER} cpus={cpus} ");
+    if !out.contains(&marker) {
+        return Err(format!("{name}: no {marker:?} in:\n{}", tail(out)).into());
+    }
+    if !out.contains(&format!("vmm-reference: {message}")) {
+        return Err(format!("{name}: no {message:?} in:\n{}", tail(out)).into());
+    }
+    if rc != 0 {
+        return Err(format!("{name}: exit {rc}, want 0:\n{}", tail(out)).into());
+    }
+    Ok(())
+}
+
+fn nested_trials() -> Vec<Trial> {
+    let qemu = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").exists()))
+        .unwrap_or(false);
+    let trials = vec![
+        Trial::test("nested::bzimage_1_vcpu_poweroff_exits_0", || {
+            expect_boot("bz1", 1, "guest powered off")
+        }),
+        Trial::test("nested::bzimage_2_vcpus_see_2_cpus", || {
+            expect_boot("bz2", 2, "guest powered off")
+        }),
+        Trial::test("nested::reboot_is_reported_as_reset_exit_0", || {
+            expect_boot("reboot", 1, "guest requested reset")
+        }),
+        Trial::test("nested::elf_vmlinux_boots_through_pvh", || {
+            expect_boot("pvh", 2, "guest powered off")
+        }),
+    ];
+    if qemu {
+        trials
+    } else {
+        trials
+            .into_iter()
+            .map(|t| t.with_ignored_flag(true))
+            .collect()
+    }
+}
+
+fn main() {
+    let mut args = Arguments::from_args();
+    // The nested scenarios share one L1 boot; run trials in one thread so it happens once.
+    args.test_threads = Some(1);
+    let mut trials = bad_input_trials();
+    trials.extend(nested_trials());
+    libtest_mimic::run(&args, trials).exit();
+}
