@@ -9,11 +9,18 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use kvm_test_support::guest::{TinyGuest, CODE_ADDR};
 use kvm_test_support::{ensure, harness, KvmTest, Requirement, TestError, TestResult};
 use vcpu_runner::{
-    BusDevice, Buses, MsrHandler, NoMsrs, StopReason, Vcpu, VcpuState, VmOutcome, VmRunner,
+    BusDevice, Buses, Command, MsrHandler, NoMsrs, StopReason, Vcpu, VcpuState, VmOutcome, VmRunner,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const WAIT: Duration = Duration::from_secs(10);
+
+/// Cycle counts of the pause tests. Under cargo-tarpaulin's ptrace engine (which builds with
+/// `--cfg tarpaulin`) every executed line traps to the tracer, which makes a cycle about a
+/// hundred times slower, and tarpaulin gives up on a test silent for 60 s; coverage runs
+/// therefore do a tenth of the cycles. The test tiers always run the full counts.
+#[allow(unexpected_cfgs)]
+const CYCLE_DIVISOR: u32 = if cfg!(tarpaulin) { 10 } else { 1 };
 
 /// Answers reads with `value` (little-endian, truncated to the access) and records writes.
 struct Latch {
@@ -205,7 +212,7 @@ fn msr_exits_reach_feature_control(kvm: &Kvm) -> TestResult {
 /// races with the vCPU thread's way back into KVM_RUN.
 fn pause_resume_10000_times(kvm: &Kvm) -> TestResult {
     const COUNTER: u64 = 0x9000;
-    const CYCLES: u32 = 10_000;
+    const CYCLES: u32 = 10_000 / CYCLE_DIVISOR;
     let code = [
         0x48, 0xff, 0x04, 0x25, 0x00, 0x90, 0x00, 0x00, // inc qword [0x9000]
         0xeb, 0xf6, // jmp back to the inc
@@ -278,7 +285,7 @@ fn pause_completes_in_flight_port_io(kvm: &Kvm) -> TestResult {
     let handle = thread.handle().clone();
     handle.resume()?;
     let (mut at_in, mut elsewhere) = (0u32, 0u32);
-    for _ in 0..2000 {
+    for _ in 0..2000 / CYCLE_DIVISOR {
         handle.pause(Duration::from_secs(5))?;
         let (rip, reads) = handle.run_on_vcpu(
             |ctx| {
@@ -458,6 +465,82 @@ fn shutdown_and_drop_of_a_running_vm(kvm: &Kvm) -> TestResult {
     Ok(())
 }
 
+/// A jump to guest-physical memory no slot backs: KVM cannot fetch the instruction and
+/// stops the vCPU with an internal error (emulation failure), reported with its suberror,
+/// data and a register dump.
+fn internal_error_is_reported_with_diagnostics(kvm: &Kvm) -> TestResult {
+    let code = [
+        0x48, 0xb8, 0x00, 0x00, 0x00, 0x20, 0x00, 0x00, 0x00, 0x00, // mov rax, 0x20000000
+        0xff, 0xe0, // jmp rax
+    ];
+    let rig = rig(kvm, &code)?;
+    let vcpu = Vcpu::new(0, rig.vcpu0, Arc::new(Buses::new()), Box::new(NoMsrs));
+    let outcome = run_single(vcpu)?;
+    let VmOutcome::Error { vcpu: 0, error } = outcome else {
+        return Err(TestError::fail(format!("outcome {outcome}")));
+    };
+    let text = error.to_string();
+    match error {
+        vcpu_runner::vcpu::Error::InternalError { info, .. } => {
+            ensure!(info.suberror == 1, "suberror {info}");
+        }
+        other => return Err(TestError::fail(format!("unexpected error: {other}"))),
+    }
+    ensure!(text.contains("KVM_INTERNAL_ERROR_EMULATION"), "{text}");
+    ensure!(text.contains("RIP="), "no register dump in: {text}");
+    Ok(())
+}
+
+/// Bounded waits end with typed errors when the vCPU thread is busy: a closure that takes
+/// longer than the caller waits, a join and a VM shutdown that time out (the threads are
+/// detached and finish on their own).
+fn bounded_waits_time_out(kvm: &Kvm) -> TestResult {
+    let busy = || Command::Run(Box::new(|_| std::thread::sleep(Duration::from_millis(300))));
+    let first = rig(kvm, &[0xeb, 0xfe])?; // jmp $
+    let thread = Vcpu::new(0, first.vcpu0, Arc::new(Buses::new()), Box::new(NoMsrs)).spawn()?;
+    let handle = thread.handle().clone();
+    ensure!(format!("{thread:?}").contains("VcpuThread"), "{thread:?}");
+    handle.resume()?;
+    let slow = handle.run_on_vcpu(
+        |_| std::thread::sleep(Duration::from_millis(300)),
+        Duration::from_millis(20),
+    );
+    ensure!(
+        matches!(slow, Err(vcpu_runner::vcpu::Error::Timeout { .. })),
+        "run_on_vcpu: {slow:?}"
+    );
+    handle.send(busy())?;
+    let joined = thread.join(Duration::from_millis(20));
+    ensure!(
+        matches!(joined, Err(vcpu_runner::vcpu::Error::Timeout { .. })),
+        "join: {:?}",
+        joined.map(|(v, r)| (format!("{v:?}"), r))
+    );
+    handle.wait_exited(WAIT)?;
+
+    let second = rig(kvm, &[0xeb, 0xfe])?;
+    let runner = VmRunner::spawn(vec![Vcpu::new(
+        0,
+        second.vcpu0,
+        Arc::new(Buses::new()),
+        Box::new(NoMsrs),
+    )])?;
+    runner.start()?;
+    let handle = runner.handles()[0].clone();
+    handle.send(busy())?;
+    let err = runner.shutdown(Duration::from_millis(20)).unwrap_err();
+    ensure!(
+        matches!(&err, vcpu_runner::vm::Error::JoinTimeout { vcpus, .. } if vcpus == &[0]),
+        "shutdown: {err}"
+    );
+    let reason = handle.wait_exited(WAIT)?;
+    ensure!(
+        reason == StopReason::Stopped,
+        "detached vCPU ended with {reason:?}"
+    );
+    Ok(())
+}
+
 fn main() {
     let msr_caps = |t: KvmTest| {
         t.requires(Requirement::Cap(Cap::X86UserSpaceMsr))
@@ -486,5 +569,10 @@ fn main() {
             "shutdown_and_drop_of_a_running_vm",
             shutdown_and_drop_of_a_running_vm,
         ),
+        KvmTest::new(
+            "internal_error_is_reported_with_diagnostics",
+            internal_error_is_reported_with_diagnostics,
+        ),
+        KvmTest::new("bounded_waits_time_out", bounded_waits_time_out),
     ])
 }
