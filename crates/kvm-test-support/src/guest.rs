@@ -237,11 +237,12 @@ impl TinyGuest {
 
     /// A guest in `vm` with `mem_size` bytes of memory at GPA 0 (at least 128 KiB).
     pub fn build(vm: VmFd, mode: Mode, mem_size: usize, code: &[u8]) -> Result<Self> {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size)])
-            .map_err(|source| Error::AllocateMemory {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size)]).map_err(
+            |source| Error::AllocateMemory {
                 size: mem_size,
                 source,
-            })?;
+            },
+        )?;
         for (slot, region) in mem.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -311,8 +312,14 @@ impl TinyGuest {
 
     fn enter_long_mode(&self) -> Result<()> {
         self.write(GDT_ADDR, &gdt_bytes())?;
-        self.write(PML4_ADDR, &(PDPT_ADDR | PTE_PRESENT | PTE_WRITE).to_le_bytes())?;
-        self.write(PDPT_ADDR, &(PD_ADDR | PTE_PRESENT | PTE_WRITE).to_le_bytes())?;
+        self.write(
+            PML4_ADDR,
+            &(PDPT_ADDR | PTE_PRESENT | PTE_WRITE).to_le_bytes(),
+        )?;
+        self.write(
+            PDPT_ADDR,
+            &(PD_ADDR | PTE_PRESENT | PTE_WRITE).to_le_bytes(),
+        )?;
         let pd: Vec<u8> = (0..512u64)
             .flat_map(|i| ((i << 21) | PTE_PRESENT | PTE_WRITE | PDE_PS).to_le_bytes())
             .collect();

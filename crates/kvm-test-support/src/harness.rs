@@ -188,7 +188,9 @@ impl KvmTest {
                     )))
                 }
                 Err(e) => {
-                    return Ok(Completion::ignored_with(format!("/dev/kvm is unusable: {e}")))
+                    return Ok(Completion::ignored_with(format!(
+                        "/dev/kvm is unusable: {e}"
+                    )))
                 }
             };
             for requirement in &requires {
@@ -211,7 +213,9 @@ pub fn unit_test<F>(name: impl Into<String>, body: F) -> Trial
 where
     F: FnOnce() -> TestResult + Send + 'static,
 {
-    Trial::test(name, move || body().map_err(|e| Failed::from(e.to_string())))
+    Trial::test(name, move || {
+        body().map_err(|e| Failed::from(e.to_string()))
+    })
 }
 
 /// Runs the tests as a libtest-compatible binary and exits with its status.

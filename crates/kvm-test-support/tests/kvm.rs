@@ -12,8 +12,16 @@ fn real_mode_entry_state(kvm: &kvm_ioctls::Kvm) -> TestResult {
     ensure!(regs.rip == 1, "ip after hlt is {:#x}", regs.rip);
     ensure!(regs.rsp == STACK_TOP, "rsp is {:#x}", regs.rsp);
     let sregs = guest.vcpu.get_sregs()?;
-    ensure!(sregs.cr0 & 1 == 0, "CR0.PE set in real mode: {:#x}", sregs.cr0);
-    ensure!(sregs.cs.base == CODE_ADDR, "CS base is {:#x}", sregs.cs.base);
+    ensure!(
+        sregs.cr0 & 1 == 0,
+        "CR0.PE set in real mode: {:#x}",
+        sregs.cr0
+    );
+    ensure!(
+        sregs.cs.base == CODE_ADDR,
+        "CS base is {:#x}",
+        sregs.cs.base
+    );
     Ok(())
 }
 
@@ -21,7 +29,8 @@ fn real_mode_entry_state(kvm: &kvm_ioctls::Kvm) -> TestResult {
 /// through the identity map; an access past the end of memory becomes an MMIO exit.
 fn long_mode_paging_and_mmio(kvm: &kvm_ioctls::Kvm) -> TestResult {
     let code = [
-        0x48, 0xb8, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, // mov rax, 0x1122334455667788
+        0x48, 0xb8, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22,
+        0x11, // mov rax, 0x1122334455667788
         0x48, 0xa3, 0x00, 0x90, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // mov [0x9000], rax
         0x48, 0xa3, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, // mov [0x10000000], rax
         0xf4, // hlt
@@ -38,7 +47,11 @@ fn long_mode_paging_and_mmio(kvm: &kvm_ioctls::Kvm) -> TestResult {
         "guest store through the identity map left {stored:02x?}"
     );
     let sregs = guest.vcpu.get_sregs()?;
-    ensure!(sregs.efer & (1 << 10) != 0, "EFER.LMA clear: {:#x}", sregs.efer);
+    ensure!(
+        sregs.efer & (1 << 10) != 0,
+        "EFER.LMA clear: {:#x}",
+        sregs.efer
+    );
     Ok(())
 }
 
