@@ -2,14 +2,14 @@
 //! xstate-perm), with each vCPU's APIC ID and the topology "one package, one thread per core,
 //! `vcpus` cores" written into the leaves a guest reads it from.
 //!
-//! * leaf 1: EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package, EDX.HTT;
+//! * leaf 1: EBX\[31:24\] initial APIC ID, EBX\[23:16\] logical processors per package, EDX.HTT;
 //!   ECX.HYPERVISOR set; ECX.VMX cleared unless nested virtualization is asked for;
 //! * leaves 0xB and 0x1F (x2APIC topology): subleaf 0 is the SMT level (shift 0, 1 thread),
 //!   subleaf 1 the core level (shift `ceil(log2(vcpus))`, `vcpus` processors), others invalid;
 //!   EDX is the x2APIC ID;
-//! * leaf 4 (Intel deterministic cache parameters): EAX[31:26] cores per package - 1;
+//! * leaf 4 (Intel deterministic cache parameters): EAX\[31:26\] cores per package - 1;
 //! * leaf 0x8000_0001: ECX.SVM cleared unless nested virtualization is asked for;
-//! * leaf 0x8000_0008 (AMD): ECX[7:0] cores - 1, ECX[15:12] APIC-ID bits for the core;
+//! * leaf 0x8000_0008 (AMD): ECX\[7:0\] cores - 1, ECX\[15:12\] APIC-ID bits for the core;
 //! * leaf 0x8000_001E (AMD): EAX extended APIC ID, EBX core ID with one thread per core.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};

@@ -112,7 +112,7 @@ pub const APIC_MODE_NMI: u32 = 0x4;
 pub const CPUID_1_ECX_VMX: u32 = 1 << 5;
 /// Leaf 1 ECX: hypervisor present.
 pub const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
-/// Leaf 1 EDX: HTT (EBX[23:16] is valid).
+/// Leaf 1 EDX: HTT (EBX bits 23:16 are valid).
 pub const CPUID_1_EDX_HTT: u32 = 1 << 28;
 /// Leaf 0x8000_0001 ECX: SVM.
 pub const CPUID_80000001_ECX_SVM: u32 = 1 << 2;
