@@ -79,6 +79,15 @@ fn offered_sets_follow_the_capability(kvm: &Kvm) -> TestResult {
         "fresh vCPU has dirty sets {}",
         g.regs.dirty()
     );
+    ensure!(
+        g.regs.guard().vm_type() == VmType::Default,
+        "guard for the wrong type"
+    );
+    let debug = format!("{:?}", g.regs);
+    ensure!(
+        debug.contains("selection: RegSet(regs)") && debug.contains("Default"),
+        "debug output: {debug}"
+    );
     Ok(())
 }
 
