@@ -15,8 +15,8 @@
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 use crate::sys::{
-    CPUID_1_ECX_HYPERVISOR, CPUID_1_ECX_VMX, CPUID_1_EDX_HTT, CPUID_80000001_ECX_SVM,
-    CPUID_LEVEL_TYPE_CORE, CPUID_LEVEL_TYPE_SMT,
+    CPUID_1_ECX_HYPERVISOR, CPUID_1_ECX_TSC_DEADLINE, CPUID_1_ECX_VMX, CPUID_1_EDX_HTT,
+    CPUID_80000001_ECX_SVM, CPUID_LEVEL_TYPE_CORE, CPUID_LEVEL_TYPE_SMT,
 };
 
 /// The topology one vCPU should see.
@@ -93,6 +93,23 @@ pub fn patch_entry(e: &mut kvm_cpuid_entry2, topo: VcpuTopology) {
     }
 }
 
+/// Sets CPUID.1:ECX.TSC_DEADLINE in `cpuid`.
+///
+/// KVM emulates the TSC-deadline timer mode of its in-kernel local APIC wherever
+/// `KVM_CAP_TSC_DEADLINE_TIMER` is reported, but `KVM_GET_SUPPORTED_CPUID` only includes the
+/// bit since Linux 6.14 (commit 9be4ec35d668); before that it is the VMM's to set. Without
+/// it a guest falls back to the one-shot timer mode, whose extra reprogramming exits are
+/// costly, most of all in a nested host.
+pub fn advertise_tsc_deadline(cpuid: &mut CpuId) {
+    for e in cpuid
+        .as_mut_slice()
+        .iter_mut()
+        .filter(|e| e.function == 0x1)
+    {
+        e.ecx |= CPUID_1_ECX_TSC_DEADLINE;
+    }
+}
+
 /// `base` patched for `topo`.
 pub fn for_vcpu(base: &CpuId, topo: VcpuTopology) -> CpuId {
     let mut cpuid = base.clone();
@@ -131,6 +148,21 @@ mod tests {
             entry(0x8000_001e, 0),
         ])
         .unwrap()
+    }
+
+    #[test]
+    fn tsc_deadline_is_set_in_leaf_1_only() {
+        let mut cpuid = base();
+        let before: Vec<_> = cpuid.as_slice().to_vec();
+        advertise_tsc_deadline(&mut cpuid);
+        for (old, new) in before.iter().zip(cpuid.as_slice()) {
+            if old.function == 0x1 {
+                assert_eq!(new.ecx, old.ecx | CPUID_1_ECX_TSC_DEADLINE);
+            } else {
+                assert_eq!(new.ecx, old.ecx);
+            }
+        }
+        assert!(cpuid.as_slice().iter().any(|e| e.function == 0x1));
     }
 
     #[test]

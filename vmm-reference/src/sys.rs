@@ -110,6 +110,8 @@ pub const APIC_MODE_NMI: u32 = 0x4;
 
 /// Leaf 1 ECX: VMX.
 pub const CPUID_1_ECX_VMX: u32 = 1 << 5;
+/// Leaf 1 ECX: TSC-deadline mode of the local APIC timer.
+pub const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 ECX: hypervisor present.
 pub const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX: HTT (EBX bits 23:16 are valid).

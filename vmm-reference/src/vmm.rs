@@ -407,9 +407,12 @@ impl Vmm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::SupportedCpuid)?;
-        let base_cpuid = permission
+        let mut base_cpuid = permission
             .guest_cpuid(&supported)
             .map_err(Error::XstateCpuid)?;
+        if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+            cpuid::advertise_tsc_deadline(&mut base_cpuid);
+        }
         let host_vmx = supported
             .as_slice()
             .iter()
