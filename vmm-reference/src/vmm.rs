@@ -8,8 +8,8 @@
 //!    in-kernel irqchip (PIC, I/O APIC, local APICs) and PIT;
 //! 3. kernel, initramfs, command line, ACPI and MP tables ([`crate::boot`]);
 //! 4. devices on the port I/O bus; COM1's interrupt eventfd bound to GSI 4 with irqfd;
-//! 5. per vCPU: CPUID, LINT0/LINT1, FPU, boot registers on vCPU 0 (the others wait for
-//!    INIT/SIPI in the in-kernel LAPIC), IA32_FEATURE_CONTROL when nested VMX is exposed;
+//! 5. per vCPU: CPUID, LINT0/LINT1, FPU, boot registers on vCPU 0 through
+//!    [`sync_regs::VcpuRegisters`] (the others wait for INIT/SIPI in the in-kernel LAPIC), IA32_FEATURE_CONTROL when nested VMX is exposed;
 //! 6. [`vcpu_runner::VmRunner`] runs one thread per vCPU.
 //!
 //! [`Vmm::run`] waits until the guest asks to power off or reset (through a device), a vCPU
@@ -26,7 +26,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use msr_featctl::{GuestCpuidFeatures, Mode, ResolvedMode};
-use sync_regs::RegisterDump;
+use sync_regs::{RegisterDump, VcpuRegisters};
 use vcpu_runner::{Buses, MsrHandler, NoMsrs, Vcpu, VmOutcome, VmRunner};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -108,6 +108,12 @@ pub enum Error {
     /// A device could not be put on the bus.
     #[error("cannot place a device on the I/O bus")]
     Bus(#[source] vcpu_runner::bus::Error),
+    /// Setting the boot vCPU's entry registers failed.
+    #[error("vCPU 0: setting the boot registers failed")]
+    BootRegisters(#[source] sync_regs::Error),
+    /// Handing the boot vCPU from sync-regs to the run loop failed.
+    #[error("vCPU 0: handing the boot registers to the run loop failed")]
+    HandOff(#[source] Box<sync_regs::HandOffError>),
     /// A vCPU-level ioctl of the setup failed.
     #[error("vCPU {vcpu}: {ioctl} failed")]
     VcpuIoctl {
@@ -450,9 +456,11 @@ impl Vmm {
             set_lint(index, &fd)?;
             fd.set_fpu(&regs::boot_fpu())
                 .map_err(vcpu_ioctl(index, "KVM_SET_FPU"))?;
-            if index == 0 {
-                set_boot_registers(&fd, entry)?;
-            }
+            let fd = if index == 0 {
+                set_boot_registers(&vm, fd, entry)?
+            } else {
+                fd
+            };
             let msr: Box<dyn MsrHandler> = match feat_ctl {
                 Some((ResolvedMode::Emulated, features)) => Box::new(
                     msr_featctl::EmulatedFeatureControl::with_firmware_value(features),
@@ -564,12 +572,19 @@ fn mask_pics(vm: &VmFd) -> Result<()> {
     Ok(())
 }
 
-fn set_boot_registers(fd: &VcpuFd, entry: EntryPoint) -> Result<()> {
-    let base = fd.get_sregs().map_err(vcpu_ioctl(0, "KVM_GET_SREGS"))?;
-    fd.set_sregs(&regs::boot_sregs(&base, entry))
-        .map_err(vcpu_ioctl(0, "KVM_SET_SREGS"))?;
-    fd.set_regs(&regs::boot_regs(entry))
-        .map_err(vcpu_ioctl(0, "KVM_SET_REGS"))
+/// Writes the boot vCPU's entry state through sync-regs: the writes are staged in `kvm_run`
+/// where KVM_CAP_SYNC_REGS offers the set (KVM applies them at the run loop's first
+/// `KVM_RUN`) and applied with `KVM_SET_*` otherwise.
+fn set_boot_registers(vm: &VmFd, fd: VcpuFd, entry: EntryPoint) -> Result<VcpuFd> {
+    let mut registers = VcpuRegisters::new(vm, fd, vm_types::VmType::Default);
+    let base = *registers.sregs().map_err(Error::BootRegisters)?;
+    registers
+        .set_sregs(&regs::boot_sregs(&base, entry))
+        .map_err(Error::BootRegisters)?;
+    registers
+        .set_regs(&regs::boot_regs(entry))
+        .map_err(Error::BootRegisters)?;
+    registers.into_vcpu().map_err(Error::HandOff)
 }
 
 /// Whether this host's KVM can run a Linux guest with this VMM: it needs the in-kernel

@@ -50,4 +50,4 @@ pub mod sys;
 
 pub use dump::RegisterDump;
 pub use reg_set::{RegKind, RegSet, UnknownBits};
-pub use registers::{Error, Result, VcpuRegisters};
+pub use registers::{Error, HandOffError, Result, VcpuRegisters};

@@ -247,6 +247,18 @@ impl RegImage for kvm_vcpu_events {
     }
 }
 
+/// [`VcpuRegisters::into_vcpu`] could not apply a pending write; the registers, with the
+/// vCPU, come back so that the caller can correct the image or retry.
+#[derive(Debug, thiserror::Error)]
+#[error("handing the vCPU over failed")]
+pub struct HandOffError {
+    /// The registers, still owning the vCPU and the pending write.
+    pub registers: VcpuRegisters,
+    /// Why the write could not be applied.
+    #[source]
+    pub error: Error,
+}
+
 /// Register access for one vCPU, through `kvm_run` (`KVM_CAP_SYNC_REGS`, x86 since Linux
 /// 4.16) for every set the capability offers and through ioctls for the others.
 ///
@@ -560,6 +572,43 @@ impl VcpuRegisters {
         run.kvm_valid_regs = self.selection.bits();
         run.kvm_dirty_regs = pushed.bits();
         Ok(pushed)
+    }
+
+    /// Hands the vCPU to its next owner (a run loop that issues `KVM_RUN` itself) without
+    /// losing a pending write.
+    ///
+    /// Dirty sets that sync regs carry are copied into `kvm_run` and their `kvm_dirty_regs`
+    /// bits set, so the kernel applies them at the new owner's first `KVM_RUN` with no
+    /// ioctl; the other dirty sets are applied now with `KVM_SET_*`. `kvm_valid_regs` is
+    /// cleared so that the new owner pays for no copy-out it did not ask for. The new owner
+    /// must leave `kvm_dirty_regs` alone until that first `KVM_RUN`.
+    ///
+    /// On failure the registers come back with the error, still owning the vCPU.
+    pub fn into_vcpu(mut self) -> std::result::Result<VcpuFd, Box<HandOffError>> {
+        for kind in [RegKind::Regs, RegKind::Sregs, RegKind::Events] {
+            if self.offered.contains(kind) {
+                continue;
+            }
+            let flushed = match kind {
+                RegKind::Regs => self.flush_one_with_ioctl::<kvm_regs>(),
+                RegKind::Sregs => self.flush_one_with_ioctl::<kvm_sregs>(),
+                RegKind::Events => self.flush_one_with_ioctl::<kvm_vcpu_events>(),
+            };
+            if let Err(error) = flushed {
+                return Err(Box::new(HandOffError {
+                    registers: self,
+                    error,
+                }));
+            }
+        }
+        let staged = self
+            .push_one::<kvm_regs>()
+            .union(self.push_one::<kvm_sregs>())
+            .union(self.push_one::<kvm_vcpu_events>());
+        let run = self.vcpu.get_kvm_run();
+        run.kvm_valid_regs = 0;
+        run.kvm_dirty_regs = staged.bits();
+        Ok(self.vcpu)
     }
 
     /// Flushes pending writes, runs the vCPU to its next exit and returns the exit.

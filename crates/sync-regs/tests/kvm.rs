@@ -530,6 +530,44 @@ fn ioctls_only_and_flush(kvm: &Kvm) -> TestResult {
     Ok(())
 }
 
+/// A hand-off keeps pending writes: one set staged in `kvm_run` (sync regs), one applied by
+/// ioctl (not offered); the next owner's raw `KVM_RUN` sees both.
+fn hand_off_keeps_pending_writes(kvm: &Kvm) -> TestResult {
+    for offered in [RegSet::REGS, RegSet::EMPTY] {
+        let mut g = guest(kvm, Some(offered))?;
+        next_out(&mut g.regs)?;
+        g.regs.regs_mut()?.rax = 0x5a;
+        let mut vcpu = g
+            .regs
+            .into_vcpu()
+            .map_err(|e| TestError::fail(e.to_string()))?;
+        let run = vcpu.get_kvm_run();
+        ensure!(
+            run.kvm_valid_regs == 0,
+            "valid sets left selected: {:#x}",
+            run.kvm_valid_regs
+        );
+        ensure!(
+            run.kvm_dirty_regs == offered.bits(),
+            "offered {offered}: kvm_dirty_regs {:#x}",
+            run.kvm_dirty_regs
+        );
+        match vcpu.run()? {
+            VcpuExit::IoOut(PORT, [0x5a]) => {}
+            other => {
+                return Err(TestError::fail(format!(
+                    "offered {offered}: expected out 0x5a, got {other:?}"
+                )))
+            }
+        }
+        ensure!(
+            vcpu.get_kvm_run().kvm_dirty_regs == 0,
+            "kernel did not consume the staged set"
+        );
+    }
+    Ok(())
+}
+
 fn main() {
     let tests = vec![
         KvmTest::new(
@@ -573,6 +611,11 @@ fn main() {
             protected_state_types_refuse_sync_regs,
         ),
         KvmTest::new("ioctls_only_and_flush", ioctls_only_and_flush),
+        KvmTest::new(
+            "hand_off_keeps_pending_writes",
+            hand_off_keeps_pending_writes,
+        )
+        .requires(sync_regs_all()),
     ];
     harness::main(tests)
 }
