@@ -95,14 +95,20 @@ impl Tally {
     /// Reads one line of test output. `label` names the binary the line came from.
     pub fn read_line(&mut self, label: &str, line: &str) {
         let line = line.trim_end_matches(['\r', '\n']);
-        if let Some(counts) = line.trim_start().strip_prefix("test result: ") {
+        // Only lines that start with it: `nested-tests` repeats them indented in its summary.
+        if let Some(counts) = line.strip_prefix("test result: ") {
             self.passed += count(counts, "passed");
             self.failed += count(counts, "failed");
             self.skipped += count(counts, "ignored");
         } else if let Some(rest) = line.strip_prefix("test ") {
-            // `test [kind] name ... ignored, reason` (libtest-mimic run-time skip).
+            // `test [kind] name ... ignored (reason)` (libtest-mimic's run-time skip), or
+            // `... ignored, reason` (libtest's `#[ignore = "reason"]`).
             if let Some((name, outcome)) = rest.split_once(" ... ") {
-                if let Some(reason) = outcome.strip_prefix("ignored, ") {
+                let reason = outcome
+                    .strip_prefix("ignored (")
+                    .and_then(|r| r.strip_suffix(')'))
+                    .or_else(|| outcome.strip_prefix("ignored, "));
+                if let Some(reason) = reason {
                     let name = name.trim();
                     let name = name.strip_prefix("[kvm] ").unwrap_or(name).trim();
                     self.skips
@@ -411,6 +417,11 @@ mod tests {
             "b",
             "test result: FAILED. 1 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s\r",
         );
+        // nested-tests' summary repeats a binary's result line, indented: not counted twice.
+        tally.read_line(
+            "b",
+            "                 test result: ok. 7 passed; 0 failed; 0 ignored; 0 measured",
+        );
         assert_eq!((tally.passed, tally.failed, tally.skipped), (6, 3, 2));
     }
 
@@ -421,15 +432,26 @@ mod tests {
             "vm-types/kvm",
             "test [kvm] create_sev_vm                 ... ignored, host lacks VM type SEV (2)",
         );
+        tally.read_line(
+            "smoke",
+            "test [kvm] nested_vendor ... ignored (not inside the nested host (NESTED_KVM_VENDOR unset))",
+        );
         tally.read_line("vm-types/kvm", "test [kvm] create_default ... ok");
         tally.read_line("vm-types/kvm", "test plain ... ignored");
         assert_eq!(
             tally.skips,
-            vec![(
-                "vm-types/kvm".to_owned(),
-                "create_sev_vm".to_owned(),
-                "host lacks VM type SEV (2)".to_owned()
-            )]
+            vec![
+                (
+                    "vm-types/kvm".to_owned(),
+                    "create_sev_vm".to_owned(),
+                    "host lacks VM type SEV (2)".to_owned()
+                ),
+                (
+                    "smoke".to_owned(),
+                    "nested_vendor".to_owned(),
+                    "not inside the nested host (NESTED_KVM_VENDOR unset)".to_owned()
+                )
+            ]
         );
     }
 
