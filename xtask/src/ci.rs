@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::coverage;
-use crate::protocol::BEGIN;
+use crate::l1;
 
 /// Errors from `cargo xtask ci`.
 #[derive(Debug, thiserror::Error)]
@@ -203,11 +203,7 @@ pub fn run(workspace: &Path) -> Result<()> {
     let tally = run_tests(
         "kvm-nested",
         nested,
-        |line| {
-            line.trim_end()
-                .strip_prefix(BEGIN)
-                .map(|label| label.trim().to_owned())
-        },
+        |line| l1::parse_step_header(line).map(str::to_owned),
         "L1",
     )?;
     tiers.insert(Tier::KvmNested, tally);

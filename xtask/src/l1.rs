@@ -208,7 +208,7 @@ impl L1Image {
         let mut transcript = Transcript::default();
         machine.run(options.timeout, |line| {
             if let Some(Marker::Begin { label }) = transcript.observe(line) {
-                println!("==================== L1: {label} ====================");
+                println!("{}", step_header(&label));
             } else {
                 // Firmware and tests may send terminal control sequences (SeaBIOS starts
                 // with a terminal reset); keep them away from the user's terminal.
@@ -225,5 +225,37 @@ impl L1Image {
             rc,
             steps: transcript.steps,
         })
+    }
+}
+
+/// The line printed on the host before a step's output in L1.
+pub fn step_header(label: &str) -> String {
+    format!("{STEP_HEADER_RULE} L1: {label} {STEP_HEADER_RULE}")
+}
+
+/// The step label of a line printed by [`step_header`].
+pub fn parse_step_header(line: &str) -> Option<&str> {
+    line.trim_end()
+        .strip_prefix(STEP_HEADER_RULE)?
+        .strip_suffix(STEP_HEADER_RULE)?
+        .trim()
+        .strip_prefix("L1: ")
+}
+
+const STEP_HEADER_RULE: &str = "====================";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_headers_round_trip() {
+        let header = step_header("vm-types/kvm");
+        assert_eq!(parse_step_header(&header), Some("vm-types/kvm"));
+        assert_eq!(parse_step_header("test result: ok."), None);
+        assert_eq!(
+            parse_step_header("==================== plain ===================="),
+            None
+        );
     }
 }

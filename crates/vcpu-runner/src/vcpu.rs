@@ -489,25 +489,36 @@ impl Vcpu {
         Ok(None)
     }
 
-    /// One `KVM_RUN` and the dispatch of its exit.
-    fn run_once(&mut self) -> Result<Option<StopReason>> {
-        let outcome = match self.fd.run() {
+    /// `KVM_RUN` once and dispatches its exit; an interrupted run (`EINTR`, `EAGAIN`) is
+    /// [`ExitOutcome::Interrupted`]. Records whether the exit left an instruction in flight.
+    fn enter(&mut self) -> Result<ExitOutcome> {
+        match self.fd.run() {
             Ok(mut exit) => {
                 self.in_flight = ExitOutcome::leaves_instruction_in_flight(&exit);
-                dispatch(&mut exit, &self.buses, &mut *self.msr, &mut self.stats)
+                Ok(dispatch(
+                    &mut exit,
+                    &self.buses,
+                    &mut *self.msr,
+                    &mut self.stats,
+                ))
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.in_flight = false;
-                self.stats.interrupts += 1;
-                ExitOutcome::Interrupted
+                Ok(ExitOutcome::Interrupted)
             }
-            Err(source) => {
-                return Err(Error::Run {
-                    vcpu: self.index,
-                    source,
-                })
-            }
-        };
+            Err(source) => Err(Error::Run {
+                vcpu: self.index,
+                source,
+            }),
+        }
+    }
+
+    /// One `KVM_RUN` and the dispatch of its exit.
+    fn run_once(&mut self) -> Result<Option<StopReason>> {
+        let outcome = self.enter()?;
+        if outcome == ExitOutcome::Interrupted {
+            self.stats.interrupts += 1;
+        }
         self.after_exit(outcome)
     }
 
@@ -520,25 +531,9 @@ impl Vcpu {
         while self.in_flight && rounds < MAX_COMPLETION_ROUNDS {
             rounds += 1;
             self.fd.set_kvm_immediate_exit(1);
-            let outcome = match self.fd.run() {
-                Ok(mut exit) => {
-                    self.in_flight = ExitOutcome::leaves_instruction_in_flight(&exit);
-                    dispatch(&mut exit, &self.buses, &mut *self.msr, &mut self.stats)
-                }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.in_flight = false;
-                    ExitOutcome::Interrupted
-                }
-                Err(source) => {
-                    self.fd.set_kvm_immediate_exit(0);
-                    return Err(Error::Run {
-                        vcpu: self.index,
-                        source,
-                    });
-                }
-            };
+            let outcome = self.enter();
             self.fd.set_kvm_immediate_exit(0);
-            if let Some(stop) = self.after_exit(outcome)? {
+            if let Some(stop) = self.after_exit(outcome?)? {
                 return Ok(Some(stop));
             }
         }
