@@ -527,7 +527,7 @@ pub(crate) mod tests {
         assert!(!l.compacted_supported());
     }
 
-    fn spr_cpuid() -> CpuId {
+    pub(crate) fn spr_cpuid() -> CpuId {
         let mut entries: Vec<kvm_cpuid_entry2> = (0..19)
             .filter_map(|n| {
                 let r = spr_subleaves(n)?;

@@ -677,21 +677,7 @@ pub(crate) mod tests {
             ..FakeHost::amx()
         };
         let perm = GuestPermission::request(&host, XFeatureSet::LEGACY).unwrap();
-        let entries: Vec<_> = (0..19)
-            .filter_map(|n| {
-                let r = crate::layout::tests::spr_subleaves(n)?;
-                (n < 2 || r[0] != 0).then_some(kvm_bindings::kvm_cpuid_entry2 {
-                    function: 0xd,
-                    index: n,
-                    eax: r[0],
-                    ebx: r[1],
-                    ecx: r[2],
-                    edx: r[3],
-                    ..Default::default()
-                })
-            })
-            .collect();
-        let cpuid = CpuId::from_entries(&entries).unwrap();
+        let cpuid = crate::layout::tests::spr_cpuid();
         let guest = perm.guest_cpuid(&cpuid).unwrap();
         assert_eq!(
             XsaveLayout::from_kvm_cpuid(&guest)
