@@ -1,8 +1,9 @@
 //! The kernel interfaces behind the guest permission, as a small trait.
 //!
 //! [`XstateHost`] is what the policy in [`crate::permission`] asks; [`SystemHost`] answers
-//! with `arch_prctl(2)` and device-attribute ioctls on `/dev/kvm`. Tests substitute a fake
-//! to walk paths this machine cannot show (a KVM that exposes AMX, a pre-5.17 kernel).
+//! with `arch_prctl(2)` and device-attribute ioctls on `/dev/kvm`. A fake kernel can stand in
+//! for paths a given host cannot show (a KVM that exposes AMX, a pre-5.17 kernel, the
+//! proposed `KVM_X86_XCOMP_GUEST_PERM` attribute).
 
 use std::fmt;
 
@@ -56,6 +57,12 @@ pub enum Error {
 
 impl Error {
     /// The errno the kernel returned.
+    ///
+    /// ```
+    /// use vmm_sys_util::errno::Error as Errno;
+    /// use xstate_perm::host::Error;
+    /// assert_eq!(Error::GetCpuSupported(Errno::new(libc::EINVAL)).errno(), libc::EINVAL);
+    /// ```
     pub fn errno(&self) -> i32 {
         match self {
             Error::GetCpuSupported(e) | Error::GetGuestPermission(e) => e.errno(),
@@ -74,9 +81,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum RequestPath {
     /// `arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, component)` (Linux 5.17).
     ArchPrctl,
-    /// `KVM_SET_DEVICE_ATTR` on `/dev/kvm`, attribute `KVM_X86_XCOMP_GUEST_PERM`: the proposed
-    /// interface that lets KVM apply its own policy. Used only where `KVM_HAS_DEVICE_ATTR`
-    /// says the running kernel implements it; no mainline kernel does.
+    /// `KVM_SET_DEVICE_ATTR` on `/dev/kvm`, attribute `KVM_X86_XCOMP_GUEST_PERM` with the
+    /// component number in `addr` (see [`guest_perm_request`]): the proposed interface that
+    /// lets KVM refuse what it does not support (`EOPNOTSUPP`) before the kernel grants it.
+    /// No mainline kernel has it; they answer `EINVAL`.
     KvmDeviceAttr,
 }
 
@@ -97,25 +105,65 @@ impl fmt::Display for RequestPath {
 pub trait XstateHost {
     /// The xfeatures the kernel supports for user space (`ARCH_GET_XCOMP_SUPP`, 5.16): the
     /// CPU's features that the host kernel enabled in XCR0.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::GetCpuSupported`] with the errno (`EINVAL` before 5.16).
     fn cpu_supported(&self) -> Result<XFeatureSet>;
 
     /// The process's guest permission (`ARCH_GET_XCOMP_GUEST_PERM`, 5.17): every
     /// non-dynamic supported feature, plus the dynamic ones granted so far.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::GetGuestPermission`] with the errno (`EINVAL` before 5.17).
     fn guest_permitted(&self) -> Result<XFeatureSet>;
 
     /// What KVM can expose to guests (`KVM_X86_XCOMP_GUEST_SUPP`, 5.17), or `None` where the
     /// kernel lacks the attribute (`KVM_CAP_SYS_ATTRIBUTES` absent, or `ENXIO`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::HasDeviceAttr`] or [`Error::GetDeviceAttr`] where the attribute ioctls fail
+    /// otherwise.
     fn kvm_guest_supported(&self) -> Result<Option<XFeatureSet>>;
 
-    /// Whether `KVM_HAS_DEVICE_ATTR` reports the `KVM_X86_XCOMP_GUEST_PERM` attribute.
-    fn kvm_offers_guest_perm_attr(&self) -> Result<bool>;
-
-    /// Asks for guest permission up to dynamic component `component` through `via`.
+    /// Asks for the guest permission of `component` through `via`.
     ///
-    /// The kernel answers `EINVAL` for a component beyond its `XFEATURE_MAX` (and for the
-    /// option itself before 5.17), `EOPNOTSUPP` for a component that is not dynamic or not
-    /// supported, and `EBUSY` once a vCPU exists in the process.
+    /// The kernel (`xstate_request_perm`, arch/x86/kernel/fpu/xstate.c, 5.17) grants the
+    /// components its `xstate_prctl_req` table lists for `component`, which for tile data
+    /// (18) is tile data alone; it answers `EINVAL` for a component at or beyond its
+    /// `XFEATURE_MAX` (and for the option itself before 5.17), `EOPNOTSUPP` for a component
+    /// without an entry in that table (every non-dynamic one) or one the CPU lacks, and
+    /// `EBUSY` once a vCPU exists in the process.
+    ///
+    /// Through [`RequestPath::KvmDeviceAttr`] a kernel with the proposed attribute answers
+    /// the same, plus `EOPNOTSUPP` for a component KVM does not support; a kernel without it
+    /// answers `EINVAL` (mainline: `kvm_arch_dev_ioctl` has no `KVM_SET_DEVICE_ATTR`) or
+    /// `ENXIO` (an attribute the kernel's handler does not know).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RequestGuestPerm`] with the kernel's errno.
     fn request_guest_perm(&self, via: RequestPath, component: u32) -> Result<()>;
+}
+
+/// The `KVM_SET_DEVICE_ATTR` argument that asks for the guest permission of `component`
+/// through the proposed `KVM_X86_XCOMP_GUEST_PERM` attribute: group 0, the component number
+/// by value in `addr` (the patch's `kvm_x86_dev_set_attr` reads it with
+/// `kvm_get_attr_addr`, which only casts the field).
+///
+/// ```
+/// let attr = xstate_perm::host::guest_perm_request(18);
+/// assert_eq!((attr.group, attr.attr, attr.addr), (0, 1, 18));
+/// ```
+pub fn guest_perm_request(component: u32) -> kvm_device_attr {
+    kvm_device_attr {
+        flags: 0,
+        group: sys::KVM_X86_GRP_SYSTEM,
+        attr: sys::KVM_X86_XCOMP_GUEST_PERM,
+        addr: u64::from(component),
+    }
 }
 
 /// The running kernel: `arch_prctl(2)` and `/dev/kvm` system attributes.
@@ -216,14 +264,6 @@ impl XstateHost for SystemHost<'_> {
             .map(|bits| Some(XFeatureSet::from_bits(bits)))
     }
 
-    fn kvm_offers_guest_perm_attr(&self) -> Result<bool> {
-        let cap = libc::c_ulong::from(sys::KVM_CAP_SYS_ATTRIBUTES);
-        if self.kvm.check_extension_raw(cap) <= 0 {
-            return Ok(false);
-        }
-        self.has_attr(sys::KVM_X86_XCOMP_GUEST_PERM)
-    }
-
     fn request_guest_perm(&self, via: RequestPath, component: u32) -> Result<()> {
         let ret = match via {
             RequestPath::ArchPrctl => {
@@ -243,15 +283,11 @@ impl XstateHost for SystemHost<'_> {
                 }
             }
             RequestPath::KvmDeviceAttr => {
-                let value = u64::from(component);
-                let request = kvm_device_attr {
-                    flags: 0,
-                    group: sys::KVM_X86_GRP_SYSTEM,
-                    attr: sys::KVM_X86_XCOMP_GUEST_PERM,
-                    addr: &value as *const u64 as u64,
-                };
-                // SAFETY: KVM_SET_DEVICE_ATTR reads the kvm_device_attr and at most one u64
-                // from `addr`, both live locals; the fd is the open /dev/kvm.
+                let request = guest_perm_request(component);
+                // SAFETY: KVM_SET_DEVICE_ATTR reads the kvm_device_attr, a live local; for
+                // this attribute `addr` carries the component number and is not
+                // dereferenced, and a kernel without the attribute fails the call without
+                // touching memory. The fd is the open /dev/kvm owned by `self.kvm`.
                 unsafe { ioctl_with_ref(self.kvm, sys::KVM_SET_DEVICE_ATTR(), &request) }
             }
         };

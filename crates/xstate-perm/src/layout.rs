@@ -334,47 +334,21 @@ fn legacy((offset, size): (u32, u32)) -> ComponentLayout {
     }
 }
 
-/// `supported` (from `KVM_GET_SUPPORTED_CPUID`) with leaf 0xD limited to the XCR0
-/// components in `allowed`:
+/// `supported` (from `KVM_GET_SUPPORTED_CPUID`, or a table a VMM built) with every
+/// advertisement of an XCR0 component outside `allowed` cleared: leaf 0xD, the AMX flags of
+/// leaf 7, leaves 0x1D and 0x1E, and the APX flag; see [`crate::cpuid::restrict`] for the
+/// rules.
 ///
-/// * subleaf 0: EDX:EAX keep only allowed bits; EBX and ECX become the standard-format size
-///   of that set (KVM recomputes EBX from the guest's XCR0 at run time);
-/// * subleaf 1: unchanged, since the guest permission covers XCR0 components only;
-/// * subleaf `n >= 2` of a user component that is not allowed: removed.
+/// KVM's own leaf 0xD already reflects the process's guest permission when it was read
+/// after the request (5.17), but its leaf 7 and leaves 0x1D/0x1E do not; this also serves
+/// tables read earlier and VMMs that offer guests less than they are permitted.
 ///
-/// KVM's own table already reflects the process's guest permission when it was read after
-/// the request (5.17); this also serves tables read earlier and VMMs that offer guests
-/// less than they are permitted.
+/// # Errors
+///
+/// [`Error`] where leaf 0xD is missing or malformed, or the table cannot be rebuilt.
 pub fn guest_cpuid(supported: &CpuId, allowed: XFeatureSet) -> Result<CpuId> {
-    let layout = XsaveLayout::from_kvm_cpuid(supported)?;
-    let xcr0 = layout
-        .xcr0_supported()
-        .intersection(allowed.union(XFeatureSet::LEGACY));
-    let size = layout.standard_size(xcr0)?;
-    let entries: Vec<kvm_cpuid_entry2> = supported
-        .as_slice()
-        .iter()
-        .filter_map(|entry| {
-            if entry.function != sys::CPUID_LEAF_XSTATE {
-                return Some(*entry);
-            }
-            match entry.index {
-                0 => Some(kvm_cpuid_entry2 {
-                    eax: xcr0.bits() as u32,
-                    edx: (xcr0.bits() >> 32) as u32,
-                    ebx: size,
-                    ecx: size,
-                    ..*entry
-                }),
-                1 => Some(*entry),
-                n if n < 64 && layout.xcr0_supported().bits() & (1 << n) != 0 => {
-                    (xcr0.bits() & (1 << n) != 0).then_some(*entry)
-                }
-                _ => Some(*entry),
-            }
-        })
-        .collect();
-    CpuId::from_entries(&entries).map_err(Error::BuildCpuid)
+    let entries = crate::cpuid::restrict(supported.as_slice(), allowed)?;
+    crate::cpuid::to_cpuid(&entries)
 }
 
 #[cfg(test)]

@@ -46,8 +46,10 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
+#![warn(clippy::missing_errors_doc)]
 #![cfg(target_arch = "x86_64")]
 
+pub mod cpuid;
 pub mod host;
 pub mod layout;
 pub mod permission;
@@ -55,6 +57,7 @@ pub mod state;
 pub mod sys;
 pub mod xfeature;
 
+pub use cpuid::CpuidError;
 pub use host::{RequestPath, SystemHost, XstateHost};
 pub use layout::{ComponentLayout, XsaveLayout};
 pub use permission::{GuestPermission, RequestError, VcpuCost};

@@ -3,23 +3,42 @@
 //! Since Linux 5.17 a dynamic XSTATE component (AMX tile data, component 18) reaches a KVM
 //! guest only if the VMM process holds the *guest* permission for it, and that permission
 //! is frozen when the process creates its first vCPU (`ARCH_REQ_XCOMP_GUEST_PERM` then
-//! fails with `EBUSY`). [`GuestPermission::request`] asks for a set of features:
+//! fails with `EBUSY`). There are two doors in:
 //!
-//! 1. It refuses bits no kernel names ([`RequestError::UnknownComponent`]) and supervisor
+//! * [`GuestPermission::request_for_cpuid`], the recommended one: give it the CPUID the VMM
+//!   intends to set with `KVM_SET_CPUID2`, and it asks for exactly the dynamic components
+//!   that table needs ([`crate::cpuid::required_permission`]). The permission then follows
+//!   the guest CPUID, and [`GuestPermission::check_cpuid`] says before `KVM_SET_CPUID2`
+//!   whether KVM would refuse the table with `EPERM`, naming the component.
+//! * [`GuestPermission::request`] and [`GuestPermission::request_feature`], from a set of
+//!   features; [`GuestPermission::guest_cpuid`] then limits a table to what was granted.
+//!
+//! Both apply one policy:
+//!
+//! 1. Refuse bits no kernel names ([`RequestError::UnknownComponent`]) and supervisor
 //!    components, which the guest permission does not cover.
-//! 2. It asks only for what the CPU supports (`ARCH_GET_XCOMP_SUPP`) and what KVM will
-//!    expose (`KVM_X86_XCOMP_GUEST_SUPP`), and says which of the two is missing. Where the
-//!    attribute does not exist (before 5.17) it stops with
-//!    [`RequestError::KernelTooOld`] rather than guess.
-//! 3. If the process already holds everything asked for, it succeeds with no request.
-//! 4. Otherwise it asks for the highest missing dynamic component (the kernel grants every
-//!    dynamic component up to it) through `KVM_SET_DEVICE_ATTR(KVM_X86_XCOMP_GUEST_PERM)`
-//!    where the kernel offers that attribute, else through `arch_prctl`, and checks the
-//!    result by reading the permission back.
+//! 2. Ask only for what the CPU supports (`ARCH_GET_XCOMP_SUPP`) and what KVM will expose
+//!    (`KVM_X86_XCOMP_GUEST_SUPP`), and say which of the two is missing. Where the attribute
+//!    does not exist (before 5.17) stop with [`RequestError::KernelTooOld`] rather than
+//!    guess.
+//! 3. If the process already holds everything asked for, succeed with no request.
+//! 4. Otherwise ask for each missing dynamic component. The kernel grants exactly the
+//!    components its `xstate_prctl_req` table lists for the number asked
+//!    (`xstate_request_perm`, arch/x86/kernel/fpu/xstate.c): for 18, tile data alone.
+//!    The request goes first through the proposed `KVM_X86_XCOMP_GUEST_PERM` attribute, so
+//!    that a kernel carrying it applies KVM's own check, and falls back to
+//!    `arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM)` where the kernel has no such attribute
+//!    (`EINVAL` or `ENXIO`). [`GuestPermission::requested_via`] says which door granted it.
+//!    The result is checked by reading the permission back.
 //!
-//! The [`GuestPermission`] it returns is the only way to reach
-//! [`GuestPermission::create_vcpu`], so code that creates vCPUs through it cannot forget to
-//! request first.
+//! # Ordering across crates
+//!
+//! Creating any vCPU in the process — a scratch vCPU of a probe included — freezes the
+//! guest permission, so the request has to come before every vCPU the process creates, in
+//! every crate. The [`GuestPermission`] value is the proof that it did: it can only be made
+//! by a request, so code that takes `&GuestPermission` (or creates vCPUs through
+//! [`GuestPermission::create_vcpu`]) cannot run before it. A crate that creates vCPUs of
+//! its own should take `&GuestPermission` in the function that does so.
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -149,9 +168,65 @@ fn map_query(interface: &'static str) -> impl Fn(host::Error) -> RequestError {
     }
 }
 
+/// The errno a kernel without the `KVM_X86_XCOMP_GUEST_PERM` attribute answers: `EINVAL`
+/// where `/dev/kvm` has no `KVM_SET_DEVICE_ATTR` at all (mainline `kvm_arch_dev_ioctl`),
+/// `ENXIO` where the handler exists but does not know the attribute.
+fn no_attribute(e: &host::Error) -> bool {
+    matches!(e.errno(), libc::EINVAL | libc::ENXIO)
+}
+
+fn classify(missing: XFeatureSet) -> impl Fn(host::Error) -> RequestError {
+    move |e| match e.errno() {
+        libc::EBUSY => RequestError::TooLate { missing, source: e },
+        libc::EINVAL => RequestError::KernelTooOld {
+            interface: "the component in ARCH_REQ_XCOMP_GUEST_PERM",
+            source: Some(e),
+        },
+        libc::EOPNOTSUPP => RequestError::NotRequestable {
+            missing,
+            source: Some(e),
+        },
+        _ => RequestError::Request(e),
+    }
+}
+
+/// Requests `component` through the KVM attribute, falling back to `arch_prctl` where the
+/// kernel has no such attribute; returns the door that granted it.
+fn request_component(
+    host: &impl XstateHost,
+    component: u32,
+    missing: XFeatureSet,
+) -> Result<RequestPath> {
+    match host.request_guest_perm(RequestPath::KvmDeviceAttr, component) {
+        Ok(()) => return Ok(RequestPath::KvmDeviceAttr),
+        Err(e) if no_attribute(&e) => {}
+        Err(e) => return Err(classify(missing)(e)),
+    }
+    host.request_guest_perm(RequestPath::ArchPrctl, component)
+        .map_err(classify(missing))?;
+    Ok(RequestPath::ArchPrctl)
+}
+
+fn kvm_guest_supported(host: &impl XstateHost) -> Result<XFeatureSet> {
+    host.kvm_guest_supported()
+        .map_err(RequestError::Query)?
+        .ok_or(RequestError::KernelTooOld {
+            interface: "KVM_X86_XCOMP_GUEST_SUPP",
+            source: None,
+        })
+}
+
 impl GuestPermission {
     /// Obtains the guest permission for `wanted`; see the [module docs](self) for the
     /// policy. Asking again for what is already permitted makes no request.
+    ///
+    /// # Errors
+    ///
+    /// [`RequestError`], whose variant says which party refused: the request itself
+    /// (`UnknownComponent`, `SupervisorComponent`), the CPU (`CpuLacks`), KVM
+    /// (`KvmWillNotExpose`), the kernel's age (`KernelTooOld`), the freeze after the first
+    /// vCPU (`TooLate`), a component with nothing to grant (`NotRequestable`), or a failed
+    /// call (`Query`, `Request`, `NotGranted`).
     pub fn request(host: &impl XstateHost, wanted: XFeatureSet) -> Result<Self> {
         let unknown = wanted.unnamed();
         if !unknown.is_empty() {
@@ -173,13 +248,7 @@ impl GuestPermission {
                 supported: cpu_supported,
             });
         }
-        let kvm_supported = host
-            .kvm_guest_supported()
-            .map_err(RequestError::Query)?
-            .ok_or(RequestError::KernelTooOld {
-                interface: "KVM_X86_XCOMP_GUEST_SUPP",
-                source: None,
-            })?;
+        let kvm_supported = kvm_guest_supported(host)?;
         let missing = wanted.difference(kvm_supported);
         if !missing.is_empty() {
             return Err(RequestError::KvmWillNotExpose {
@@ -202,37 +271,16 @@ impl GuestPermission {
         }
         // Non-dynamic features are permitted from the start; one that is supported and not
         // permitted is something the kernel will not grant.
-        let component = match missing.difference(XFeatureSet::DYNAMIC).is_empty() {
-            true => missing.highest(),
-            false => None,
-        };
-        let Some(component) = component else {
+        if !missing.difference(XFeatureSet::DYNAMIC).is_empty() {
             return Err(RequestError::NotRequestable {
                 missing,
                 source: None,
             });
-        };
-        let via = if host
-            .kvm_offers_guest_perm_attr()
-            .map_err(RequestError::Query)?
-        {
-            RequestPath::KvmDeviceAttr
-        } else {
-            RequestPath::ArchPrctl
-        };
-        host.request_guest_perm(via, component)
-            .map_err(|e| match e.errno() {
-                libc::EBUSY => RequestError::TooLate { missing, source: e },
-                libc::EINVAL => RequestError::KernelTooOld {
-                    interface: "the component in ARCH_REQ_XCOMP_GUEST_PERM",
-                    source: Some(e),
-                },
-                libc::EOPNOTSUPP => RequestError::NotRequestable {
-                    missing,
-                    source: Some(e),
-                },
-                _ => RequestError::Request(e),
-            })?;
+        }
+        let mut via = None;
+        for component in missing.indices() {
+            via = Some(request_component(host, component, missing)?);
+        }
         let permitted = host
             .guest_permitted()
             .map_err(map_query("ARCH_GET_XCOMP_GUEST_PERM"))?;
@@ -241,12 +289,33 @@ impl GuestPermission {
             return Err(RequestError::NotGranted { permitted, missing });
         }
         permission.permitted = permitted;
-        permission.requested_via = Some(via);
+        permission.requested_via = via;
         Ok(permission)
+    }
+
+    /// The CPUID-first door: obtains the guest permission the CPUID table `cpuid` needs —
+    /// the one the VMM intends to give its vCPUs with `KVM_SET_CPUID2` — under the policy
+    /// of [`Self::request`]. What is requested is
+    /// [`crate::cpuid::required_permission`]: the dynamic components of leaf 0xD subleaf
+    /// 0, and AMX where leaf 7 (or leaf 0x1D/0x1E) advertises it. A table without AMX makes
+    /// no request.
+    ///
+    /// Follow it with [`Self::check_cpuid`] on the final table before `KVM_SET_CPUID2`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::request`]: where the table asks for AMX the host cannot give, the error
+    /// says whether the CPU or KVM lacks it.
+    pub fn request_for_cpuid(host: &impl XstateHost, cpuid: &CpuId) -> Result<Self> {
+        Self::request(host, crate::cpuid::required_permission(cpuid))
     }
 
     /// [`Self::request`] for one feature and what it needs alongside (tile configuration
     /// with tile data, as KVM exposes them only together).
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::request`].
     pub fn request_feature(host: &impl XstateHost, feature: XFeature) -> Result<Self> {
         let wanted = XFeatureSet::from(feature);
         let wanted = if wanted.intersection(XFeatureSet::AMX).is_empty() {
@@ -259,17 +328,15 @@ impl GuestPermission {
 
     /// [`Self::request`] for every user feature both the CPU and KVM support: the largest
     /// guest permission that complies with KVM's policy.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::request`].
     pub fn request_kvm_supported(host: &impl XstateHost) -> Result<Self> {
         let cpu = host
             .cpu_supported()
             .map_err(map_query("ARCH_GET_XCOMP_SUPP"))?;
-        let kvm = host
-            .kvm_guest_supported()
-            .map_err(RequestError::Query)?
-            .ok_or(RequestError::KernelTooOld {
-                interface: "KVM_X86_XCOMP_GUEST_SUPP",
-                source: None,
-            })?;
+        let kvm = kvm_guest_supported(host)?;
         let wanted = cpu
             .intersection(kvm)
             .intersection(XFeatureSet::NAMED)
@@ -292,7 +359,9 @@ impl GuestPermission {
         self.cpu_supported
     }
 
-    /// How the permission was requested; `None` when it was already held.
+    /// The door that granted the permission: [`RequestPath::KvmDeviceAttr`] on a kernel
+    /// with the proposed attribute, [`RequestPath::ArchPrctl`] elsewhere; `None` when it was
+    /// already held and no request was made.
     pub fn requested_via(&self) -> Option<RequestPath> {
         self.requested_via
     }
@@ -304,8 +373,27 @@ impl GuestPermission {
         kvm_filtered_xcr0(self.kvm_supported, self.permitted)
     }
 
+    /// Checks a CPUID table against this permission before it is given to
+    /// `KVM_SET_CPUID2`.
+    ///
+    /// # Errors
+    ///
+    /// [`CpuidError::WouldBeRefused`](crate::cpuid::CpuidError::WouldBeRefused), naming the
+    /// component, where leaf 0xD subleaf 0 enables a dynamic component the process holds no
+    /// permission for: KVM would answer `EPERM` (`kvm_check_cpuid`, arch/x86/kvm/cpuid.c,
+    /// 5.17). [`CpuidError::AdvertisesUnusable`](crate::cpuid::CpuidError::AdvertisesUnusable)
+    /// where the table tells the guest about components outside [`Self::guest_features`]
+    /// (KVM accepts it, the guest is misled); [`Self::guest_cpuid`] removes those.
+    pub fn check_cpuid(&self, cpuid: &CpuId) -> std::result::Result<(), crate::cpuid::CpuidError> {
+        crate::cpuid::check(cpuid, self.permitted, self.guest_features())
+    }
+
     /// What the dynamic features granted to guests cost per vCPU, from `layout` (read from
     /// `KVM_GET_SUPPORTED_CPUID` or the host CPU). Zero where guests get no AMX.
+    ///
+    /// # Errors
+    ///
+    /// [`layout::Error::NotInLayout`] where `layout` lacks a component guests can be given.
     pub fn cost(&self, layout: &XsaveLayout) -> layout::Result<VcpuCost> {
         let guest = self.guest_features();
         let components = guest.intersection(XFeatureSet::AMX);
@@ -325,18 +413,30 @@ impl GuestPermission {
     }
 
     /// The `KVM_CAP_XSAVE2` size this permission implies, from `layout`.
+    ///
+    /// # Errors
+    ///
+    /// [`layout::Error::NotInLayout`] where `layout` lacks a component guests can be given.
     pub fn xsave2_size(&self, layout: &XsaveLayout) -> layout::Result<usize> {
         layout.xsave2_size(self.guest_features())
     }
 
-    /// `supported` with CPUID leaf 0xD limited to [`Self::guest_features`]; see
-    /// [`layout::guest_cpuid`].
+    /// `supported` with every XSTATE advertisement outside [`Self::guest_features`]
+    /// cleared; see [`layout::guest_cpuid`].
+    ///
+    /// # Errors
+    ///
+    /// [`layout::Error`] where leaf 0xD is missing or malformed.
     pub fn guest_cpuid(&self, supported: &CpuId) -> layout::Result<CpuId> {
         layout::guest_cpuid(supported, self.guest_features())
     }
 
     /// Creates vCPU `id` in `vm`. Taking the proof here is what orders the request before
     /// the first vCPU, after which the kernel freezes the permission.
+    ///
+    /// # Errors
+    ///
+    /// The `KVM_CREATE_VCPU` error.
     pub fn create_vcpu(
         &self,
         vm: &VmFd,
@@ -370,14 +470,36 @@ pub(crate) mod tests {
     const SPR_CPU: u64 = 0x602e7;
     const DEFAULT_PERM: u64 = 0x202e7;
 
-    /// A kernel with a configurable answer to each call, recording the requests it gets.
+    /// Which kernel the fake models for `KVM_SET_DEVICE_ATTR` on `/dev/kvm`.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub(crate) enum AttrKernel {
+        /// Mainline (5.17 on): `kvm_arch_dev_ioctl` (arch/x86/kvm/x86.c) has no
+        /// `KVM_SET_DEVICE_ATTR` case and answers `EINVAL`.
+        Mainline,
+        /// The RFC "KVM: x86: Add a new system attribute for dynamic XSTATE component"
+        /// (Chang S. Bae, August 2022, on 6.0-rc): `kvm_x86_dev_set_attr` takes the
+        /// component number from `addr` by value, answers `ENXIO` for another group or
+        /// attribute, `EOPNOTSUPP` for a component outside KVM's `supported_xcr0`, and
+        /// otherwise calls `xstate_request_perm(idx, true)`.
+        Rfc,
+    }
+
+    /// XFEATURE_MAX of the kernel modelled (arch/x86/include/asm/fpu/types.h, 6.16 with
+    /// APX as component 19).
+    const XFEATURE_MAX: u64 = 20;
+
+    /// A fake kernel that answers the guest-permission calls as the kernel functions named
+    /// on each field and method do, with knobs for the queries, recording every request.
     pub(crate) struct FakeHost {
         pub cpu: std::result::Result<u64, i32>,
         pub perm: Cell<u64>,
         pub perm_errno: Option<i32>,
         pub kvm: std::result::Result<Option<u64>, i32>,
-        pub perm_attr: bool,
-        /// Errno for the next request; `None` grants it (the kernel's behaviour).
+        pub attr_kernel: AttrKernel,
+        /// Set once the process created a vCPU: `FPU_GUEST_PERM_LOCKED`.
+        pub locked: Cell<bool>,
+        /// Errno forced for the next `arch_prctl` request, for answers the model does not
+        /// produce itself.
         pub request_errno: Option<i32>,
         /// Whether a granted request really changes the permission.
         pub grant: bool,
@@ -385,17 +507,62 @@ pub(crate) mod tests {
     }
 
     impl FakeHost {
-        /// A kernel with AMX on the CPU and in KVM, nothing granted yet.
+        /// A 6.x kernel with AMX on the CPU and in KVM, nothing granted yet.
         pub(crate) fn amx() -> Self {
             FakeHost {
                 cpu: Ok(SPR_CPU),
                 perm: Cell::new(DEFAULT_PERM),
                 perm_errno: None,
                 kvm: Ok(Some(SPR_CPU)),
-                perm_attr: false,
+                attr_kernel: AttrKernel::Mainline,
+                locked: Cell::new(false),
                 request_errno: None,
                 grant: true,
                 requests: RefCell::new(Vec::new()),
+            }
+        }
+
+        /// `xstate_request_perm(idx, guest = true)`, arch/x86/kernel/fpu/xstate.c (5.17 to
+        /// 6.18): `EINVAL` at or beyond XFEATURE_MAX; `EOPNOTSUPP` without an entry in
+        /// `xstate_prctl_req` (tile data is the only one) or for a CPU without it; 0 when
+        /// already permitted; `EBUSY` once locked; otherwise the entry's mask is added.
+        fn xstate_request_perm(&self, idx: u64) -> std::result::Result<(), i32> {
+            if idx >= XFEATURE_MAX {
+                return Err(libc::EINVAL);
+            }
+            let requested = if idx == 18 { 1u64 << 18 } else { 0 };
+            if requested == 0 || self.cpu.unwrap_or(0) & requested != requested {
+                return Err(libc::EOPNOTSUPP);
+            }
+            if self.perm.get() & requested == requested {
+                return Ok(());
+            }
+            if self.locked.get() {
+                return Err(libc::EBUSY);
+            }
+            if self.grant {
+                self.perm.set(self.perm.get() | requested);
+            }
+            Ok(())
+        }
+
+        fn set_device_attr(
+            &self,
+            attr: kvm_bindings::kvm_device_attr,
+        ) -> std::result::Result<(), i32> {
+            match self.attr_kernel {
+                AttrKernel::Mainline => Err(libc::EINVAL),
+                AttrKernel::Rfc => {
+                    let idx = attr.addr;
+                    if attr.group != 0 || attr.attr != 1 {
+                        return Err(libc::ENXIO);
+                    }
+                    let kvm = self.kvm.ok().flatten().unwrap_or(0);
+                    if idx >= 64 || kvm & (1 << idx) == 0 {
+                        return Err(libc::EOPNOTSUPP);
+                    }
+                    self.xstate_request_perm(idx)
+                }
             }
         }
     }
@@ -420,25 +587,22 @@ pub(crate) mod tests {
                     source: Errno::new(e),
                 })
         }
-        fn kvm_offers_guest_perm_attr(&self) -> host::Result<bool> {
-            Ok(self.perm_attr)
-        }
         fn request_guest_perm(&self, via: RequestPath, component: u32) -> host::Result<()> {
             self.requests.borrow_mut().push((via, component));
-            if let Some(e) = self.request_errno {
-                return Err(host::Error::RequestGuestPerm {
-                    component,
-                    via,
-                    source: Errno::new(e),
-                });
-            }
-            if self.grant {
-                // The kernel grants every dynamic component up to `component`.
-                let upto = (1u64 << (component + 1)) - 1;
-                let dynamic = XFeatureSet::DYNAMIC.bits() & upto & self.cpu.unwrap_or(0);
-                self.perm.set(self.perm.get() | dynamic);
-            }
-            Ok(())
+            let result = match via {
+                RequestPath::KvmDeviceAttr => {
+                    self.set_device_attr(host::guest_perm_request(component))
+                }
+                RequestPath::ArchPrctl => match self.request_errno {
+                    Some(e) => Err(e),
+                    None => self.xstate_request_perm(u64::from(component)),
+                },
+            };
+            result.map_err(|e| host::Error::RequestGuestPerm {
+                component,
+                via,
+                source: Errno::new(e),
+            })
         }
     }
 
@@ -450,7 +614,14 @@ pub(crate) mod tests {
     fn grants_amx_through_arch_prctl_and_reports_the_cost() {
         let host = FakeHost::amx();
         let perm = GuestPermission::request_feature(&host, XFeature::XtileData).unwrap();
-        assert_eq!(*host.requests.borrow(), vec![(RequestPath::ArchPrctl, 18)]);
+        // Mainline: the attribute door answers EINVAL, arch_prctl grants.
+        assert_eq!(
+            *host.requests.borrow(),
+            vec![
+                (RequestPath::KvmDeviceAttr, 18),
+                (RequestPath::ArchPrctl, 18)
+            ]
+        );
         assert_eq!(perm.permitted().bits(), SPR_CPU);
         assert_eq!(perm.requested_via(), Some(RequestPath::ArchPrctl));
         assert_eq!(perm.guest_features().bits(), SPR_CPU);
@@ -477,7 +648,7 @@ pub(crate) mod tests {
         let host = FakeHost::amx();
         GuestPermission::request(&host, amx()).unwrap();
         let again = GuestPermission::request(&host, amx()).unwrap();
-        assert_eq!(host.requests.borrow().len(), 1);
+        assert_eq!(host.requests.borrow().len(), 2);
         assert_eq!(again.requested_via(), None);
         // Static features are permitted from the start: no request at all.
         let host = FakeHost::amx();
@@ -487,9 +658,9 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn uses_the_kvm_attribute_where_the_kernel_offers_it() {
+    fn the_rfc_attribute_grants_where_the_kernel_has_it() {
         let host = FakeHost {
-            perm_attr: true,
+            attr_kernel: AttrKernel::Rfc,
             ..FakeHost::amx()
         };
         let perm = GuestPermission::request(&host, amx()).unwrap();
@@ -498,6 +669,101 @@ pub(crate) mod tests {
             *host.requests.borrow(),
             vec![(RequestPath::KvmDeviceAttr, 18)]
         );
+        assert_eq!(perm.permitted().bits(), SPR_CPU);
+    }
+
+    #[test]
+    fn the_rfc_attribute_reports_the_kernels_refusals() {
+        // After the first vCPU: EBUSY from xstate_request_perm, through the attribute; no
+        // fallback, and the error is the typed too-late one.
+        let host = FakeHost {
+            attr_kernel: AttrKernel::Rfc,
+            ..FakeHost::amx()
+        };
+        host.locked.set(true);
+        let err = GuestPermission::request(&host, amx()).unwrap_err();
+        assert!(
+            matches!(err, RequestError::TooLate { ref source, .. }
+                if source.errno() == libc::EBUSY
+                && matches!(source, host::Error::RequestGuestPerm { via: RequestPath::KvmDeviceAttr, .. })),
+            "{err:?}"
+        );
+        assert_eq!(host.requests.borrow().len(), 1);
+        // A component KVM does not support: EOPNOTSUPP from the attribute itself (reached
+        // only by a caller that skips the policy's own check).
+        let host = FakeHost {
+            attr_kernel: AttrKernel::Rfc,
+            kvm: Ok(Some(0x2e7)),
+            ..FakeHost::amx()
+        };
+        let e = host
+            .request_guest_perm(RequestPath::KvmDeviceAttr, 18)
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::EOPNOTSUPP);
+        assert_eq!(host.perm.get(), DEFAULT_PERM);
+        // A component beyond XFEATURE_MAX that KVM claims: EINVAL, the same as arch_prctl.
+        let host = FakeHost {
+            attr_kernel: AttrKernel::Rfc,
+            kvm: Ok(Some(SPR_CPU | (1 << 21))),
+            ..FakeHost::amx()
+        };
+        let e = host
+            .request_guest_perm(RequestPath::KvmDeviceAttr, 21)
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+    }
+
+    #[test]
+    fn the_attribute_abi_passes_the_component_by_value() {
+        // The RFC reads `addr` as the number; a pointer there would be a huge component,
+        // which the fake kernel (like the RFC) refuses.
+        let attr = host::guest_perm_request(18);
+        assert_eq!(attr.addr, 18);
+        let host = FakeHost {
+            attr_kernel: AttrKernel::Rfc,
+            ..FakeHost::amx()
+        };
+        let value = 18u64;
+        let by_pointer = kvm_bindings::kvm_device_attr {
+            addr: &value as *const u64 as u64,
+            ..attr
+        };
+        assert_eq!(host.set_device_attr(by_pointer), Err(libc::EOPNOTSUPP));
+        assert_eq!(host.set_device_attr(attr), Ok(()));
+        let other_group = kvm_bindings::kvm_device_attr { group: 1, ..attr };
+        assert_eq!(host.set_device_attr(other_group), Err(libc::ENXIO));
+    }
+
+    #[test]
+    fn the_cpuid_first_door_requests_what_the_table_needs() {
+        let table = CpuId::from_entries(&crate::cpuid::tests::spr_full()).unwrap();
+        let host = FakeHost::amx();
+        let perm = GuestPermission::request_for_cpuid(&host, &table).unwrap();
+        assert_eq!(perm.requested_via(), Some(RequestPath::ArchPrctl));
+        assert!(perm.permitted().contains(XFeature::XtileData));
+        perm.check_cpuid(&table).unwrap();
+        // Without AMX in the table: no request, and the AMX table is then refused by name.
+        let host = FakeHost::amx();
+        let plain = perm.guest_cpuid(&table).unwrap();
+        let plain = layout::guest_cpuid(&plain, XFeatureSet::from_bits(0x2e7)).unwrap();
+        let perm = GuestPermission::request_for_cpuid(&host, &plain).unwrap();
+        assert_eq!(perm.requested_via(), None);
+        assert!(host.requests.borrow().is_empty());
+        let err = perm.check_cpuid(&table).unwrap_err();
+        assert!(
+            err.to_string().contains("component 18 (xtiledata)"),
+            "{err}"
+        );
+        // The same reasons as the feature door: KVM without AMX.
+        let host = FakeHost {
+            kvm: Ok(Some(0x2e7)),
+            ..FakeHost::amx()
+        };
+        assert!(matches!(
+            GuestPermission::request_for_cpuid(&host, &table),
+            Err(RequestError::KvmWillNotExpose { missing, .. }) if missing == amx()
+        ));
+        assert!(host.requests.borrow().is_empty());
     }
 
     #[test]
@@ -576,7 +842,8 @@ pub(crate) mod tests {
                 ..
             }
         ));
-        // EINVAL for the request itself: the kernel's XFEATURE_MAX is below the component.
+        // EINVAL for the request itself (after the attribute door's EINVAL): the kernel's
+        // XFEATURE_MAX is below the component.
         let old_enum = FakeHost {
             request_errno: Some(libc::EINVAL),
             ..FakeHost::amx()
@@ -596,7 +863,9 @@ pub(crate) mod tests {
             };
             GuestPermission::request(&host, amx()).unwrap_err()
         };
-        let busy = case(libc::EBUSY);
+        let locked = FakeHost::amx();
+        locked.locked.set(true);
+        let busy = GuestPermission::request(&locked, amx()).unwrap_err();
         assert!(
             matches!(busy, RequestError::TooLate { missing, .. } if missing == XFeatureSet::DYNAMIC)
         );
