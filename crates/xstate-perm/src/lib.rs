@@ -61,5 +61,5 @@ pub use cpuid::CpuidError;
 pub use host::{RequestPath, SystemHost, XstateHost};
 pub use layout::{ComponentLayout, XsaveLayout};
 pub use permission::{GuestPermission, RequestError, VcpuCost};
-pub use state::XsaveState;
+pub use state::{VcpuXstate, XsaveState};
 pub use xfeature::{XFeature, XFeatureSet};
