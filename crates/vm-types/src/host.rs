@@ -228,7 +228,13 @@ pub fn raw_capability(kvm: &Kvm) -> i32 {
 /// Creates a VM of type `ty`, or says precisely why the host cannot.
 ///
 /// A type the host does not report is refused with [`Error::Unsupported`] (naming the type
-/// and the supported set) before the kernel is asked.
+/// and the supported set) before the kernel is asked. [`crate::TypedVm::create`] does the same
+/// and keeps the type with the VM.
+///
+/// # Errors
+///
+/// [`Error::Unsupported`] for a type the host does not report, [`Error::CreateVm`] if
+/// `KVM_CREATE_VM` fails.
 pub fn create_vm(kvm: &Kvm, ty: VmType) -> Result<VmFd> {
     create_vm_raw(kvm, u64::from(ty))
 }
@@ -239,11 +245,19 @@ pub fn create_vm(kvm: &Kvm, ty: VmType) -> Result<VmFd> {
 /// Values of 32 and more give [`Error::OutOfRange`], values the host does not report give
 /// [`Error::Unsupported`]; neither reaches the kernel. A value the host reports is passed to
 /// `KVM_CREATE_VM` even if this crate does not know it.
+///
+/// # Errors
+///
+/// [`Error::OutOfRange`], [`Error::Unsupported`] or [`Error::CreateVm`].
 pub fn create_vm_raw(kvm: &Kvm, raw: u64) -> Result<VmFd> {
     create_vm_raw_with(kvm, raw, supported_vm_types(kvm))
 }
 
 /// [`create_vm_raw`] with a supported set that the caller already queried.
+///
+/// # Errors
+///
+/// As [`create_vm_raw`].
 pub fn create_vm_raw_with(kvm: &Kvm, raw: u64, supported: VmTypeSet) -> Result<VmFd> {
     check_supported(raw, supported)?;
     kvm.create_vm_with_type(raw)
@@ -251,6 +265,11 @@ pub fn create_vm_raw_with(kvm: &Kvm, raw: u64, supported: VmTypeSet) -> Result<V
 }
 
 /// The userspace half of [`create_vm_raw_with`]: whether `raw` is worth asking the kernel for.
+///
+/// # Errors
+///
+/// [`Error::OutOfRange`] for 32 and more, [`Error::Unsupported`] for a value not in
+/// `supported`.
 pub fn check_supported(raw: u64, supported: VmTypeSet) -> Result<()> {
     if raw >= u64::from(sys::VM_TYPE_BITS) {
         Err(Error::OutOfRange { raw, supported })

@@ -3,7 +3,9 @@
 //! Besides the static properties, the report creates one VM of each supported type and asks
 //! it, on its own fd, for `KVM_CAP_SYNC_REGS` and `KVM_CAP_READONLY_MEM`: kernels that know
 //! the per-type rules answer 0 there for types that forbid them, so the report shows what
-//! this host's kernel actually enforces next to what this crate derives from the type.
+//! this host's kernel actually enforces next to what this crate derives from the type. It
+//! also asks `/dev/kvm` for the VMSA SEV features (`KVM_X86_SEV_VMSA_FEATURES`, see
+//! [`crate::vmsa`]).
 
 use std::fmt;
 
@@ -11,6 +13,7 @@ use kvm_ioctls::{Kvm, VmFd};
 
 use crate::host::{self, raw_capability, VmTypeSet};
 use crate::sys;
+use crate::vmsa::{self, VmsaFeaturesQuery};
 use crate::VmType;
 
 /// What a VM's own fd reports for the capabilities that depend on the VM type.
@@ -64,10 +67,12 @@ pub struct VmTypeReport {
     pub supported: VmTypeSet,
     /// Every type this crate knows, supported or not.
     pub types: Vec<VmTypeEntry>,
+    /// The answer to `KVM_X86_SEV_VMSA_FEATURES`, or the error of the query.
+    pub vmsa_features: Result<VmsaFeaturesQuery, kvm_ioctls::Error>,
 }
 
-/// Queries the host: `KVM_CAP_VM_TYPES`, and for each supported type a VM created and
-/// asked for its type-dependent capabilities, then closed again.
+/// Queries the host: `KVM_CAP_VM_TYPES`, for each supported type a VM created and asked for
+/// its type-dependent capabilities, then closed again, and the VMSA SEV features.
 pub fn probe(kvm: &Kvm) -> VmTypeReport {
     let capability = raw_capability(kvm);
     let supported = VmTypeSet::from_capability(capability);
@@ -91,10 +96,14 @@ pub fn probe(kvm: &Kvm) -> VmTypeReport {
             }
         })
         .collect();
+    let vmsa_features = vmsa::sev_vmsa_features(kvm).map_err(|e| match e {
+        vmsa::Error::GetDeviceAttr { source } => source,
+    });
     VmTypeReport {
         capability,
         supported,
         types,
+        vmsa_features,
     }
 }
 
@@ -170,6 +179,10 @@ impl fmt::Display for VmTypeReport {
         for raw in self.supported.unknown_types() {
             writeln!(f, "type {raw} is reported but unknown to this crate")?;
         }
+        match &self.vmsa_features {
+            Ok(answer) => writeln!(f, "KVM_X86_SEV_VMSA_FEATURES: {answer}")?,
+            Err(e) => writeln!(f, "KVM_X86_SEV_VMSA_FEATURES: query failed: {e}")?,
+        }
         Ok(())
     }
 }
@@ -181,6 +194,7 @@ mod tests {
     fn report(
         capability: i32,
         observed: Option<Result<ObservedVmCaps, kvm_ioctls::Error>>,
+        vmsa_features: Result<VmsaFeaturesQuery, kvm_ioctls::Error>,
     ) -> VmTypeReport {
         let supported = VmTypeSet::from_capability(capability);
         VmTypeReport {
@@ -198,6 +212,7 @@ mod tests {
                     },
                 })
                 .collect(),
+            vmsa_features,
         }
     }
 
@@ -209,6 +224,7 @@ mod tests {
                 sync_regs: 7,
                 readonly_mem: 1,
             })),
+            Ok(VmsaFeaturesQuery::Supported(crate::VmsaFeatures::from_bits(0x20))),
         )
         .to_string();
         assert!(
@@ -238,13 +254,27 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("type 7 is reported but unknown"), "{text}");
+        assert!(
+            text.ends_with("KVM_X86_SEV_VMSA_FEATURES: 0x20 (DebugSwap)\n"),
+            "{text}"
+        );
     }
 
     #[test]
     fn display_for_a_kernel_without_the_capability() {
-        let text = report(0, Some(Err(kvm_ioctls::Error::new(libc::ENOMEM)))).to_string();
+        let text = report(
+            0,
+            Some(Err(kvm_ioctls::Error::new(libc::ENOMEM))),
+            Ok(VmsaFeaturesQuery::NoSystemAttributes),
+        )
+        .to_string();
         assert!(text.starts_with("KVM_CAP_VM_TYPES not reported"), "{text}");
         assert!(text.contains("DEFAULT VM could not be created"), "{text}");
+        assert!(text.contains("KVM_X86_SEV_VMSA_FEATURES: not queryable"), "{text}");
+        let text = report(1, None, Err(kvm_ioctls::Error::new(libc::EFAULT))).to_string();
+        assert!(text.contains("KVM_X86_SEV_VMSA_FEATURES: query failed"), "{text}");
+        let text = report(1, None, Ok(VmsaFeaturesQuery::NotOffered)).to_string();
+        assert!(text.contains("not offered (ENXIO"), "{text}");
     }
 
     #[test]

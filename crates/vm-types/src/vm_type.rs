@@ -41,7 +41,8 @@ pub struct LinuxVersion {
 }
 
 impl LinuxVersion {
-    const fn new(major: u32, minor: u32) -> Self {
+    /// `major.minor`.
+    pub const fn new(major: u32, minor: u32) -> Self {
         LinuxVersion { major, minor }
     }
 }
