@@ -428,7 +428,10 @@ pub struct VcpuProtection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum GuestStateError {
     /// Register access after the vCPU's state was protected.
-    #[error("{op} refused on a {vm_type} VM: the vCPU's register state is protected ({})", KernelRule::GuestStateProtected)]
+    #[error(
+        "{op} refused on a {vm_type} VM: the vCPU's register state is protected ({})",
+        KernelRule::GuestStateProtected
+    )]
     StateProtected {
         /// The refused operation.
         op: VcpuOp,
@@ -436,7 +439,10 @@ pub enum GuestStateError {
         vm_type: VmType,
     },
     /// FPU/XSAVE access while the vCPU's FPU state is confidential.
-    #[error("{op} refused on a {vm_type} VM: the vCPU's FPU state is confidential ({})", KernelRule::FpuConfidential)]
+    #[error(
+        "{op} refused on a {vm_type} VM: the vCPU's FPU state is confidential ({})",
+        KernelRule::FpuConfidential
+    )]
     FpuStateConfidential {
         /// The refused operation.
         op: VcpuOp,
@@ -444,7 +450,10 @@ pub enum GuestStateError {
         vm_type: VmType,
     },
     /// `KVM_SET_GUEST_DEBUG` after the vCPU's state was protected.
-    #[error("{op} refused on a {vm_type} VM: guest debugging needs unprotected vCPU state ({})", KernelRule::GuestDebugProtected)]
+    #[error(
+        "{op} refused on a {vm_type} VM: guest debugging needs unprotected vCPU state ({})",
+        KernelRule::GuestDebugProtected
+    )]
     GuestDebugProtected {
         /// The refused operation.
         op: VcpuOp,
@@ -452,7 +461,10 @@ pub enum GuestStateError {
         vm_type: VmType,
     },
     /// LAPIC access on a vCPU whose APIC is protected.
-    #[error("{op} refused on a {vm_type} VM: the vCPU's local APIC is protected ({})", KernelRule::ApicProtected)]
+    #[error(
+        "{op} refused on a {vm_type} VM: the vCPU's local APIC is protected ({})",
+        KernelRule::ApicProtected
+    )]
     ApicProtected {
         /// The refused operation.
         op: VcpuOp,
@@ -460,7 +472,10 @@ pub enum GuestStateError {
         vm_type: VmType,
     },
     /// A TSC frequency change on a vCPU whose TSC is protected.
-    #[error("{op} refused on a {vm_type} VM: the vCPU's TSC is protected ({})", KernelRule::TscProtected)]
+    #[error(
+        "{op} refused on a {vm_type} VM: the vCPU's TSC is protected ({})",
+        KernelRule::TscProtected
+    )]
     TscProtected {
         /// The refused operation.
         op: VcpuOp,
@@ -480,7 +495,10 @@ pub enum GuestStateError {
         index: u32,
     },
     /// Sync regs on a VM type with protected state; `KVM_RUN` would fail.
-    #[error("{op} refused on a {vm_type} VM: sync regs are not allowed with protected guest state ({})", KernelRule::SyncRegs)]
+    #[error(
+        "{op} refused on a {vm_type} VM: sync regs are not allowed with protected guest state ({})",
+        KernelRule::SyncRegs
+    )]
     SyncRegsNotAllowed {
         /// The refused operation ([`VcpuOp::SyncRegs`]).
         op: VcpuOp,
@@ -597,7 +615,11 @@ impl GuestStateGuard {
     /// A guard for a vCPU of a VM before its launch step: SEV-ES and SNP register setup
     /// reaches KVM; TDX is protected from vCPU creation all the same.
     pub const fn before_launch(vm_type: VmType) -> Self {
-        GuestStateGuard::at(vm_type, LaunchPhase::BeforeLaunch, ProtectionConfig::DEFAULT)
+        GuestStateGuard::at(
+            vm_type,
+            LaunchPhase::BeforeLaunch,
+            ProtectionConfig::DEFAULT,
+        )
     }
 
     /// A guard for the given type, phase and configuration.
@@ -945,13 +967,29 @@ mod tests {
     #[test]
     fn sev_es_register_setup_works_until_launch() {
         let mut guard = GuestStateGuard::before_launch(VmType::SevEs);
-        for op in [VcpuOp::SetRegs, VcpuOp::SetSregs, VcpuOp::SetSregs2, VcpuOp::SetXcrs] {
+        for op in [
+            VcpuOp::SetRegs,
+            VcpuOp::SetSregs,
+            VcpuOp::SetSregs2,
+            VcpuOp::SetXcrs,
+        ] {
             assert_eq!(guard.check(op), Ok(()), "{op} before launch");
         }
         guard.mark_launched();
-        for op in [VcpuOp::GetRegs, VcpuOp::SetRegs, VcpuOp::GetSregs2, VcpuOp::SetDebugRegs] {
+        for op in [
+            VcpuOp::GetRegs,
+            VcpuOp::SetRegs,
+            VcpuOp::GetSregs2,
+            VcpuOp::SetDebugRegs,
+        ] {
             let err = guard.check(op).expect_err("refused after launch");
-            assert_eq!(err, GuestStateError::StateProtected { op, vm_type: VmType::SevEs });
+            assert_eq!(
+                err,
+                GuestStateError::StateProtected {
+                    op,
+                    vm_type: VmType::SevEs
+                }
+            );
         }
         assert_eq!(
             ProtectionPoint::of(VmType::SevEs),
@@ -968,13 +1006,25 @@ mod tests {
     fn fpu_refusal_follows_confidential_fpu_state() {
         let es = GuestStateGuard::launched(VmType::SevEs);
         let snp = GuestStateGuard::launched(VmType::Snp);
-        for op in [VcpuOp::GetFpu, VcpuOp::SetFpu, VcpuOp::GetXsave, VcpuOp::GetXsave2, VcpuOp::SetXsave] {
+        for op in [
+            VcpuOp::GetFpu,
+            VcpuOp::SetFpu,
+            VcpuOp::GetXsave,
+            VcpuOp::GetXsave2,
+            VcpuOp::SetXsave,
+        ] {
             assert_eq!(
                 es.check(op),
-                Err(GuestStateError::FpuStateConfidential { op, vm_type: VmType::SevEs })
+                Err(GuestStateError::FpuStateConfidential {
+                    op,
+                    vm_type: VmType::SevEs
+                })
             );
             assert_eq!(snp.check(op), Ok(()), "SNP {op}");
-            assert_eq!(GuestStateGuard::before_launch(VmType::SevEs).check(op), Ok(()));
+            assert_eq!(
+                GuestStateGuard::before_launch(VmType::SevEs).check(op),
+                Ok(())
+            );
         }
     }
 
@@ -987,15 +1037,26 @@ mod tests {
         let op = VcpuOp::SetGuestDebug;
         assert_eq!(GuestStateGuard::launched(VmType::Default).check(op), Ok(()));
         assert_eq!(GuestStateGuard::launched(VmType::Sev).check(op), Ok(()));
-        assert_eq!(GuestStateGuard::before_launch(VmType::SevEs).check(op), Ok(()));
+        assert_eq!(
+            GuestStateGuard::before_launch(VmType::SevEs).check(op),
+            Ok(())
+        );
         for ty in [VmType::SevEs, VmType::Snp, VmType::Tdx] {
             assert_eq!(
                 GuestStateGuard::launched(ty).check(op),
                 Err(GuestStateError::GuestDebugProtected { op, vm_type: ty })
             );
         }
-        let debug_td = ProtectionConfig { tdx_debug: true, ..ProtectionConfig::DEFAULT };
-        assert_eq!(GuestStateGuard::launched(VmType::Tdx).with_config(debug_td).check(op), Ok(()));
+        let debug_td = ProtectionConfig {
+            tdx_debug: true,
+            ..ProtectionConfig::DEFAULT
+        };
+        assert_eq!(
+            GuestStateGuard::launched(VmType::Tdx)
+                .with_config(debug_td)
+                .check(op),
+            Ok(())
+        );
     }
 
     /// Models sev_es_prevent_msr_access() (svm.c, Linux 6.12) with the MSRs sev_es_init_vmcb(),
@@ -1017,16 +1078,39 @@ mod tests {
         );
         assert_eq!(after.check_msr(VcpuOp::GetMsrs, 0x10), Ok(()));
         let err = after
-            .check_msrs(VcpuOp::GetMsrs, [0x10, sys::MSR_IA32_LASTBRANCHTOIP, sys::MSR_EFER])
+            .check_msrs(
+                VcpuOp::GetMsrs,
+                [0x10, sys::MSR_IA32_LASTBRANCHTOIP, sys::MSR_EFER],
+            )
             .expect_err("LBR MSR refused");
         assert_eq!(err.rule(), KernelRule::MsrPassthrough);
-        assert!(matches!(err, GuestStateError::MsrProtected { index: sys::MSR_IA32_LASTBRANCHTOIP, .. }));
-        let no_rdtscp = ProtectionConfig { guest_tsc_aux: false, ..ProtectionConfig::DEFAULT };
+        assert!(matches!(
+            err,
+            GuestStateError::MsrProtected {
+                index: sys::MSR_IA32_LASTBRANCHTOIP,
+                ..
+            }
+        ));
+        let no_rdtscp = ProtectionConfig {
+            guest_tsc_aux: false,
+            ..ProtectionConfig::DEFAULT
+        };
         assert!(after.check_msr(VcpuOp::GetMsrs, sys::MSR_TSC_AUX).is_err());
-        assert_eq!(after.with_config(no_rdtscp).check_msr(VcpuOp::GetMsrs, sys::MSR_TSC_AUX), Ok(()));
-        assert!(GuestStateGuard::launched(VmType::Snp).check_msr(VcpuOp::GetMsrs, sys::MSR_IA32_CR_PAT).is_err());
+        assert_eq!(
+            after
+                .with_config(no_rdtscp)
+                .check_msr(VcpuOp::GetMsrs, sys::MSR_TSC_AUX),
+            Ok(())
+        );
+        assert!(GuestStateGuard::launched(VmType::Snp)
+            .check_msr(VcpuOp::GetMsrs, sys::MSR_IA32_CR_PAT)
+            .is_err());
         for ty in [VmType::Default, VmType::Sev, VmType::Tdx] {
-            assert_eq!(GuestStateGuard::launched(ty).check_msr(VcpuOp::SetMsrs, sys::MSR_EFER), Ok(()), "{ty}");
+            assert_eq!(
+                GuestStateGuard::launched(ty).check_msr(VcpuOp::SetMsrs, sys::MSR_EFER),
+                Ok(()),
+                "{ty}"
+            );
         }
     }
 
@@ -1037,7 +1121,10 @@ mod tests {
     /// are open.
     #[test]
     fn tdx_refuses_lapic_tsc_and_fpu_from_vcpu_creation() {
-        let debug_td = ProtectionConfig { tdx_debug: true, ..ProtectionConfig::DEFAULT };
+        let debug_td = ProtectionConfig {
+            tdx_debug: true,
+            ..ProtectionConfig::DEFAULT
+        };
         for config in [ProtectionConfig::DEFAULT, debug_td] {
             let guard = GuestStateGuard::before_launch(VmType::Tdx).with_config(config);
             for (op, rule) in [
@@ -1048,25 +1135,44 @@ mod tests {
                 (VcpuOp::SetFpu, KernelRule::FpuConfidential),
             ] {
                 let err = guard.check(op).expect_err("refused");
-                assert_eq!((err.op(), err.rule(), err.vm_type()), (op, rule, VmType::Tdx));
+                assert_eq!(
+                    (err.op(), err.rule(), err.vm_type()),
+                    (op, rule, VmType::Tdx)
+                );
             }
             assert_eq!(guard.check(VcpuOp::GetTscKhz), Ok(()));
             assert_eq!(guard.check(VcpuOp::GetRegs).is_ok(), config.tdx_debug);
         }
-        assert_eq!(ProtectionPoint::of(VmType::Tdx), Some(ProtectionPoint::VcpuCreation));
+        assert_eq!(
+            ProtectionPoint::of(VmType::Tdx),
+            Some(ProtectionPoint::VcpuCreation)
+        );
     }
 
     /// Models snp_launch_update_vmsa() setting guest_tsc_protected for Secure TSC guests and
     /// the KVM_SET_TSC_KHZ check of kvm_arch_vcpu_ioctl(), Linux 6.17.
     #[test]
     fn snp_secure_tsc_protects_the_tsc_after_launch() {
-        let secure = ProtectionConfig { snp_secure_tsc: true, ..ProtectionConfig::DEFAULT };
+        let secure = ProtectionConfig {
+            snp_secure_tsc: true,
+            ..ProtectionConfig::DEFAULT
+        };
         let op = VcpuOp::SetTscKhz;
-        assert_eq!(GuestStateGuard::before_launch(VmType::Snp).with_config(secure).check(op), Ok(()));
+        assert_eq!(
+            GuestStateGuard::before_launch(VmType::Snp)
+                .with_config(secure)
+                .check(op),
+            Ok(())
+        );
         assert_eq!(GuestStateGuard::launched(VmType::Snp).check(op), Ok(()));
         assert_eq!(
-            GuestStateGuard::launched(VmType::Snp).with_config(secure).check(op),
-            Err(GuestStateError::TscProtected { op, vm_type: VmType::Snp })
+            GuestStateGuard::launched(VmType::Snp)
+                .with_config(secure)
+                .check(op),
+            Err(GuestStateError::TscProtected {
+                op,
+                vm_type: VmType::Snp
+            })
         );
     }
 
@@ -1075,10 +1181,21 @@ mod tests {
     #[test]
     fn sync_regs_refused_by_type_not_by_phase() {
         for ty in VmType::ALL {
-            for guard in [GuestStateGuard::before_launch(ty), GuestStateGuard::launched(ty)] {
+            for guard in [
+                GuestStateGuard::before_launch(ty),
+                GuestStateGuard::launched(ty),
+            ] {
                 assert_eq!(guard.check_sync_regs(0, 0), Ok(()));
-                assert_eq!(guard.check_sync_regs(1, 0).is_err(), ty.has_protected_state(), "{ty}");
-                assert_eq!(guard.check_sync_regs(0, 4).is_err(), ty.has_protected_state(), "{ty}");
+                assert_eq!(
+                    guard.check_sync_regs(1, 0).is_err(),
+                    ty.has_protected_state(),
+                    "{ty}"
+                );
+                assert_eq!(
+                    guard.check_sync_regs(0, 4).is_err(),
+                    ty.has_protected_state(),
+                    "{ty}"
+                );
             }
         }
     }
@@ -1087,11 +1204,17 @@ mod tests {
     #[test]
     fn refusals_name_operation_type_and_kernel_function() {
         let mut seen = std::collections::HashSet::new();
-        let secure = ProtectionConfig { snp_secure_tsc: true, ..ProtectionConfig::DEFAULT };
+        let secure = ProtectionConfig {
+            snp_secure_tsc: true,
+            ..ProtectionConfig::DEFAULT
+        };
         for ty in VmType::ALL {
             let guard = GuestStateGuard::launched(ty).with_config(secure);
             for op in VcpuOp::ALL {
-                let errors = [guard.check(op).err(), guard.check_msr(op, sys::MSR_EFER).err()];
+                let errors = [
+                    guard.check(op).err(),
+                    guard.check_msr(op, sys::MSR_EFER).err(),
+                ];
                 for err in errors.into_iter().flatten() {
                     let msg = err.to_string();
                     assert!(msg.contains(op.ioctl_name()), "{msg}");
@@ -1102,7 +1225,11 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen.len(), KernelRule::ALL.len(), "every rule refuses something: {seen:?}");
+        assert_eq!(
+            seen.len(),
+            KernelRule::ALL.len(),
+            "every rule refuses something: {seen:?}"
+        );
     }
 
     /// The ioctls each kernel check guards, as listed at the top of the kernel functions.
@@ -1112,19 +1239,38 @@ mod tests {
             (
                 KernelRule::GuestStateProtected,
                 &[
-                    "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS",
-                    "KVM_GET_SREGS2", "KVM_SET_SREGS2", "KVM_GET_XCRS", "KVM_SET_XCRS",
-                    "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS",
+                    "KVM_GET_REGS",
+                    "KVM_SET_REGS",
+                    "KVM_GET_SREGS",
+                    "KVM_SET_SREGS",
+                    "KVM_GET_SREGS2",
+                    "KVM_SET_SREGS2",
+                    "KVM_GET_XCRS",
+                    "KVM_SET_XCRS",
+                    "KVM_GET_DEBUGREGS",
+                    "KVM_SET_DEBUGREGS",
                 ],
             ),
             (
                 KernelRule::FpuConfidential,
-                &["KVM_GET_FPU", "KVM_SET_FPU", "KVM_GET_XSAVE", "KVM_GET_XSAVE2", "KVM_SET_XSAVE"],
+                &[
+                    "KVM_GET_FPU",
+                    "KVM_SET_FPU",
+                    "KVM_GET_XSAVE",
+                    "KVM_GET_XSAVE2",
+                    "KVM_SET_XSAVE",
+                ],
             ),
             (KernelRule::GuestDebugProtected, &["KVM_SET_GUEST_DEBUG"]),
-            (KernelRule::ApicProtected, &["KVM_GET_LAPIC", "KVM_SET_LAPIC"]),
+            (
+                KernelRule::ApicProtected,
+                &["KVM_GET_LAPIC", "KVM_SET_LAPIC"],
+            ),
             (KernelRule::TscProtected, &["KVM_SET_TSC_KHZ"]),
-            (KernelRule::MsrPassthrough, &["KVM_GET_MSRS", "KVM_SET_MSRS"]),
+            (
+                KernelRule::MsrPassthrough,
+                &["KVM_GET_MSRS", "KVM_SET_MSRS"],
+            ),
             (KernelRule::SyncRegs, &["KVM_RUN with sync regs"]),
         ];
         for op in VcpuOp::ALL {
@@ -1135,7 +1281,8 @@ mod tests {
             assert_eq!(op.rule(), expected, "{op}");
             assert_eq!(op.accesses_guest_state(), expected.is_some(), "{op}");
         }
-        let names: std::collections::HashSet<_> = VcpuOp::ALL.iter().map(|op| op.ioctl_name()).collect();
+        let names: std::collections::HashSet<_> =
+            VcpuOp::ALL.iter().map(|op| op.ioctl_name()).collect();
         assert_eq!(names.len(), VcpuOp::ALL.len(), "ioctl names are unique");
     }
 }

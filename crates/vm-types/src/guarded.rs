@@ -11,8 +11,8 @@
 //! are refused after [`crate::TypedVm::mark_launched`].
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_guest_debug, kvm_lapic_state, kvm_mp_state, kvm_regs,
-    kvm_sregs, kvm_sregs2, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, Xsave,
+    kvm_debugregs, kvm_fpu, kvm_guest_debug, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs,
+    kvm_sregs2, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, Xsave,
 };
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use thiserror::Error;

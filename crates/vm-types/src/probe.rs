@@ -224,7 +224,9 @@ mod tests {
                 sync_regs: 7,
                 readonly_mem: 1,
             })),
-            Ok(VmsaFeaturesQuery::Supported(crate::VmsaFeatures::from_bits(0x20))),
+            Ok(VmsaFeaturesQuery::Supported(
+                crate::VmsaFeatures::from_bits(0x20),
+            )),
         )
         .to_string();
         assert!(
@@ -270,9 +272,15 @@ mod tests {
         .to_string();
         assert!(text.starts_with("KVM_CAP_VM_TYPES not reported"), "{text}");
         assert!(text.contains("DEFAULT VM could not be created"), "{text}");
-        assert!(text.contains("KVM_X86_SEV_VMSA_FEATURES: not queryable"), "{text}");
+        assert!(
+            text.contains("KVM_X86_SEV_VMSA_FEATURES: not queryable"),
+            "{text}"
+        );
         let text = report(1, None, Err(kvm_ioctls::Error::new(libc::EFAULT))).to_string();
-        assert!(text.contains("KVM_X86_SEV_VMSA_FEATURES: query failed"), "{text}");
+        assert!(
+            text.contains("KVM_X86_SEV_VMSA_FEATURES: query failed"),
+            "{text}"
+        );
         let text = report(1, None, Ok(VmsaFeaturesQuery::NotOffered)).to_string();
         assert!(text.contains("not offered (ENXIO"), "{text}");
     }

@@ -140,8 +140,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 ///
 /// [`Error::GetDeviceAttr`] if the ioctl fails with anything but `ENXIO`.
 pub fn sev_vmsa_features(kvm: &Kvm) -> Result<VmsaFeaturesQuery> {
-    let sys_attributes =
-        kvm.check_extension_raw(libc::c_ulong::from(sys::KVM_CAP_SYS_ATTRIBUTES));
+    let sys_attributes = kvm.check_extension_raw(libc::c_ulong::from(sys::KVM_CAP_SYS_ATTRIBUTES));
     if sys_attributes <= 0 {
         return interpret(sys_attributes, Ok(0));
     }
