@@ -14,12 +14,14 @@ use std::collections::HashMap;
 use std::process::Command;
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
-use kvm_test_support::guest::{CODE_ADDR, STACK_TOP};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use kvm_test_support::{ensure, harness, GuestExit, KvmTest, TestError, TestResult, TinyGuest};
 use xstate_perm::host::{self, RequestPath, SystemHost, XstateHost};
 use xstate_perm::permission::kvm_filtered_xcr0;
-use xstate_perm::{GuestPermission, RequestError, XFeature, XFeatureSet, XsaveLayout, XsaveState};
+use xstate_perm::{
+    CpuidError, GuestPermission, RequestError, VcpuXstate, XFeature, XFeatureSet, XsaveLayout,
+    XsaveState,
+};
 
 const CHILD_ENV: &str = "XSTATE_PERM_CHILD";
 
@@ -69,6 +71,30 @@ impl XstateHost for KvmClaimsCpu<'_> {
     fn request_guest_perm(&self, via: RequestPath, component: u32) -> host::Result<()> {
         self.0.request_guest_perm(via, component)
     }
+}
+
+fn check_outcome(result: &Result<(), CpuidError>) -> String {
+    match result {
+        Ok(()) => "Ok".into(),
+        Err(CpuidError::WouldBeRefused { missing, .. }) => format!("WouldBeRefused:{missing:#x}"),
+        Err(CpuidError::AdvertisesUnusable { unusable, .. }) => {
+            format!("AdvertisesUnusable:{unusable:#x}")
+        }
+    }
+}
+
+/// KVM's supported CPUID with AMX advertised as a VMM that wants AMX would: tile
+/// configuration and data in leaf 0xD subleaf 0, AMX-TILE in leaf 7.
+fn amx_table(kvm: &Kvm) -> Result<CpuId, Box<dyn std::error::Error>> {
+    let mut table = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+    for e in table.as_mut_slice() {
+        match (e.function, e.index) {
+            (0xd, 0) => e.eax |= XFeatureSet::AMX.bits() as u32,
+            (7, 0) => e.edx |= 1 << 24,
+            _ => {}
+        }
+    }
+    Ok(table)
 }
 
 struct Report(Vec<(String, String)>);
@@ -134,9 +160,48 @@ fn child(scenario: &str) -> Result<Report, Box<dyn std::error::Error>> {
             "raw",
             raw(host.request_guest_perm(RequestPath::KvmDeviceAttr, 18)),
         ),
+        "cpuid-first" => {
+            // The KVM here may offer no AMX; the kernel's own answer is what is shown, so
+            // KVM is said to expose what the CPU has.
+            let claimed = KvmClaimsCpu(host);
+            let table = amx_table(&kvm)?;
+            let result = GuestPermission::request_for_cpuid(&claimed, &table);
+            r.put("policy", outcome(&result));
+            if let Err(e) = &result {
+                r.put("policy_message", e);
+            }
+            if let Ok(permission) = &result {
+                r.put("via", format!("{:?}", permission.requested_via()));
+                r.put("check", check_outcome(&permission.check_cpuid(&table)));
+            }
+        }
+        "check-18" => {
+            let permission = GuestPermission::request(&host, XFeatureSet::LEGACY)?;
+            let table = amx_table(&kvm)?;
+            let check = permission.check_cpuid(&table);
+            r.put("check", check_outcome(&check));
+            if let Err(e) = &check {
+                r.put("check_message", e);
+            }
+            let vm = kvm.create_vm()?;
+            let vcpu = permission.create_vcpu(&vm, 0)?;
+            r.put(
+                "set_cpuid2",
+                match vcpu.set_cpuid2(&table) {
+                    Ok(()) => "ok".to_string(),
+                    Err(e) => e.errno().to_string(),
+                },
+            );
+        }
         "ebusy" => {
             let vm = kvm.create_vm()?;
             let _vcpu = vm.create_vcpu(0)?;
+            let table = amx_table(&kvm)?;
+            let late = GuestPermission::request_for_cpuid(&KvmClaimsCpu(host), &table);
+            r.put("cpuid_first", outcome(&late));
+            if let Err(e) = &late {
+                r.put("cpuid_first_message", e);
+            }
             r.put(
                 "raw",
                 raw(host.request_guest_perm(RequestPath::ArchPrctl, 18)),
@@ -402,6 +467,74 @@ fn eopnotsupp_for_a_static_component(_kvm: &Kvm) -> TestResult {
     Ok(())
 }
 
+/// The CPUID-first door with a table that advertises AMX: where the CPU has AMX the kernel
+/// grants component 18 (through the KVM attribute where the kernel has it, else
+/// arch_prctl), and the table then passes the check; where it does not, the policy says the
+/// CPU lacks it, with no request.
+fn cpuid_first_request_grants_tiledata(_kvm: &Kvm) -> TestResult {
+    let c = Child::run("cpuid-first")?;
+    let cpu = c.set("cpu")?;
+    let (before, after) = (c.set("perm_before")?, c.set("perm_after")?);
+    let policy = c.get("policy")?;
+    if !cpu.contains(XFeature::XtileData) {
+        ensure!(
+            policy == "CpuLacks",
+            "cpu {cpu} lacks AMX, policy said {policy}"
+        );
+        ensure!(
+            after == before,
+            "permission changed from {before} to {after}"
+        );
+        return Err(TestError::skip(format!(
+            "the CPU ({cpu}) has no AMX: checked that the CPUID-first request says so \
+             without a request, but a grant cannot be shown here"
+        )));
+    }
+    ensure!(
+        policy == "Ok",
+        "policy: {policy}: {:?}",
+        c.get("policy_message")
+    );
+    ensure!(
+        after == before.with(XFeature::XtileData),
+        "permission went from {before} to {after}"
+    );
+    let via = c.get("via")?;
+    ensure!(
+        via == "Some(ArchPrctl)" || via == "Some(KvmDeviceAttr)",
+        "granted via {via}"
+    );
+    ensure!(
+        c.get("check")? == "Ok",
+        "check after the grant: {}",
+        c.get("check")?
+    );
+    Ok(())
+}
+
+/// The check of a table that advertises AMX, against a permission without tile data, names
+/// component 18, and KVM_SET_CPUID2 of that table does answer EPERM (`kvm_check_cpuid` →
+/// `__xfd_enable_feature`), on any CPU.
+fn cpuid_check_names_the_component_kvm_refuses(_kvm: &Kvm) -> TestResult {
+    let c = Child::run("check-18")?;
+    let check = c.get("check")?;
+    ensure!(
+        check == "WouldBeRefused:0x40000",
+        "check of an AMX table without permission: {check}"
+    );
+    let message = c.get("check_message")?;
+    ensure!(
+        message.contains("component 18 (xtiledata)") && message.contains("EPERM"),
+        "message: {message}"
+    );
+    let set = c.errno("set_cpuid2")?;
+    ensure!(
+        set == Some(libc::EPERM),
+        "KVM_SET_CPUID2 of the AMX table: errno {set:?}, the check predicted EPERM"
+    );
+    Ok(())
+}
+
 /// EBUSY: once a vCPU exists the permission is frozen; the policy says "too late", and a
 /// request for what is already permitted still succeeds without a kernel call.
 fn ebusy_after_the_first_vcpu(_kvm: &Kvm) -> TestResult {
@@ -429,6 +562,17 @@ fn ebusy_after_the_first_vcpu(_kvm: &Kvm) -> TestResult {
     );
     let policy = c.get("policy")?;
     ensure!(policy == "TooLate", "policy after a vCPU: {policy}");
+    let late = c.get("cpuid_first")?;
+    ensure!(
+        late == "TooLate",
+        "CPUID-first request after a vCPU: {late}"
+    );
+    ensure!(
+        c.get("cpuid_first_message")?
+            .starts_with("too late: a vCPU already exists"),
+        "message: {}",
+        c.get("cpuid_first_message")?
+    );
     ensure!(
         c.get("policy_message")?
             .starts_with("too late: a vCPU already exists"),
@@ -638,10 +782,165 @@ fn amx_tiles_survive_save_restore(kvm: &Kvm) -> TestResult {
     Ok(())
 }
 
+const VEC_SRC: u64 = 0x9100;
+const VEC_DST: u64 = 0x9000;
+
+/// A tiny guest sets XCR0 (x87|sse, and AVX where the guest CPUID has it) and loads xmm0;
+/// the host also puts a value into ymm0's upper half in the saved image where AVX is
+/// enabled. The extended state, saved and put through serde, restores into a fresh vCPU of
+/// a new VM, whose guest reads XCR0 and xmm0 back, and whose saved image holds the same
+/// upper half; XCR0 is read from the new vCPU after its guest ran. (`movdqu` and `xsetbv`
+/// only: on PVM hosts guest ring-0 code goes through KVM's instruction emulator, which has
+/// neither VEX moves nor `xgetbv`.)
+fn extended_state_moves_to_a_new_vm(kvm: &Kvm) -> TestResult {
+    let host = SystemHost::new(kvm);
+    let permission = GuestPermission::request(&host, XFeatureSet::LEGACY)?;
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+    let cpuid = permission.guest_cpuid(&supported)?;
+    let layout = XsaveLayout::from_kvm_cpuid(&cpuid)?;
+    let guest_xcr0 = xstate_perm::cpuid::xcr0_enumerated(cpuid.as_slice());
+    let avx = guest_xcr0.contains(XFeature::Avx);
+    let xcr0: u8 = if avx { 0b111 } else { 0b11 };
+    let load = [
+        0x31, 0xc9, // xor ecx, ecx
+        0xb8, xcr0, 0x00, 0x00, 0x00, // mov eax, xcr0
+        0x31, 0xd2, // xor edx, edx
+        0x0f, 0x01, 0xd1, // xsetbv
+        0xf3, 0x0f, 0x6f, 0x04, 0x25, 0x00, 0x91, 0x00, 0x00, // movdqu xmm0, [VEC_SRC]
+        0xf4, // hlt
+    ];
+    let store = [
+        0xf3, 0x0f, 0x7f, 0x04, 0x25, 0x00, 0x90, 0x00, 0x00, // movdqu [VEC_DST], xmm0
+        0xf4, // hlt
+    ];
+    let value: Vec<u8> = (0..32u8).map(|i| 0xa5 ^ i.wrapping_mul(29)).collect();
+    let (xmm0, ymm0_high) = value.split_at(16);
+
+    let mut first = TinyGuest::long_mode(kvm, &load)?;
+    first.write(VEC_SRC, &value)?;
+    enable_xsave(&first.vcpu, &cpuid).map_err(|e| TestError::fail(e.to_string()))?;
+    first.expect_exit(GuestExit::Hlt)?;
+    let saved = VcpuXstate::save(&first.vm, &first.vcpu)?;
+    ensure!(
+        saved.xcr0() == Some(XFeatureSet::from_bits(u64::from(xcr0))),
+        "saved XCR0 {:?}, the guest set {xcr0:#x}",
+        saved.xcr0()
+    );
+    ensure!(
+        (saved.xfd, saved.xfd_err) == (0, 0),
+        "XFD {:#x}, XFD_ERR {:#x} in a guest that never touched them",
+        saved.xfd,
+        saved.xfd_err
+    );
+    let mut saved = saved;
+    if avx {
+        let upper = saved
+            .xsave
+            .component_mut(&layout, XFeature::Avx.index())
+            .ok_or_else(|| TestError::fail("no AVX component in the image"))?;
+        upper[..16].copy_from_slice(ymm0_high);
+        let bv = saved.xsave.xstate_bv().with(XFeature::Avx).bits();
+        saved.xsave.as_bytes_mut()[512..520].copy_from_slice(&bv.to_le_bytes());
+    }
+    let json = serde_json::to_vec(&saved).map_err(|e| TestError::fail(e.to_string()))?;
+    let moved: VcpuXstate =
+        serde_json::from_slice(&json).map_err(|e| TestError::fail(e.to_string()))?;
+    drop(first);
+
+    let mut second = TinyGuest::long_mode(kvm, &store)?;
+    enable_xsave(&second.vcpu, &cpuid).map_err(|e| TestError::fail(e.to_string()))?;
+    moved.restore(&permission, &second.vm, &second.vcpu)?;
+    let again = VcpuXstate::save(&second.vm, &second.vcpu)?;
+    ensure!(
+        again.xcrs == moved.xcrs && (again.xfd, again.xfd_err) == (moved.xfd, moved.xfd_err),
+        "restored XCRs/XFD read back as {:?}",
+        (&again.xcrs, again.xfd, again.xfd_err)
+    );
+    second.expect_exit(GuestExit::Hlt)?;
+    let after = VcpuXstate::save(&second.vm, &second.vcpu)?;
+    ensure!(
+        after.xcr0() == Some(XFeatureSet::from_bits(u64::from(xcr0))),
+        "XCR0 of the restored vCPU after its guest ran: {:?}",
+        after.xcr0()
+    );
+    let stored = second.read(VEC_DST, 16)?;
+    ensure!(
+        stored == xmm0,
+        "the restored guest stored xmm0 as {stored:02x?}, expected {xmm0:02x?}"
+    );
+    if avx {
+        let upper = after
+            .xsave
+            .component(&layout, XFeature::Avx.index())
+            .ok_or_else(|| TestError::fail("no AVX component after the restore"))?;
+        ensure!(
+            &upper[..16] == ymm0_high,
+            "ymm0's upper half after the move is {:02x?}",
+            &upper[..16]
+        );
+    }
+
+    // A state that does not fit the target is refused before anything is written. What the
+    // target enables is KVM's view of its CPUID (KVM_GET_CPUID2), queried here too: PVM
+    // hosts report their own table there whatever KVM_SET_CPUID2 was given.
+    let legacy = xstate_perm::layout::guest_cpuid(&supported, XFeatureSet::LEGACY)?;
+    let third = TinyGuest::long_mode(kvm, &store)?;
+    third.vcpu.set_cpuid2(&legacy)?;
+    let target = xstate_perm::cpuid::xcr0_enumerated(
+        third.vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)?.as_slice(),
+    )
+    .intersection(permission.kvm_supported());
+    eprintln!("target vCPU enables {target} (KVM_GET_CPUID2)");
+    let before = VcpuXstate::save(&third.vm, &third.vcpu)?;
+    if avx && !target.contains(XFeature::Avx) {
+        let refused = moved.restore(&permission, &third.vm, &third.vcpu);
+        ensure!(
+            matches!(
+                refused,
+                Err(xstate_perm::state::Error::Rejected(
+                    xstate_perm::state::StateRule::Xcr0OutsideGuest { .. }
+                ))
+            ),
+            "restore of XCR0 {xcr0:#x} into a vCPU enabling {target}: {refused:?}"
+        );
+    }
+    if !target.contains(XFeature::XtileData) {
+        // IA32_XFD arming tile data, for a vCPU without tile data: refused by the check, and
+        // by KVM itself, which processes none of the entry (kvm_set_msr_common).
+        let mut armed = moved.clone();
+        armed.xfd = XFeatureSet::DYNAMIC.bits();
+        let refused = armed.restore(&permission, &third.vm, &third.vcpu);
+        ensure!(
+            matches!(
+                refused,
+                Err(xstate_perm::state::Error::Rejected(
+                    xstate_perm::state::StateRule::XfdOutsideGuest { msr: 0x1c4, .. }
+                ))
+            ),
+            "restore of XFD 1<<18 into a vCPU enabling {target}: {refused:?}"
+        );
+        let raw = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: xstate_perm::sys::MSR_IA32_XFD,
+            data: XFeatureSet::DYNAMIC.bits(),
+            ..Default::default()
+        }])
+        .map_err(|e| TestError::fail(format!("{e:?}")))?;
+        let processed = third.vcpu.set_msrs(&raw)?;
+        ensure!(
+            processed == 0,
+            "KVM accepted XFD 1<<18 for a vCPU enabling {target}"
+        );
+    }
+    ensure!(
+        VcpuXstate::save(&third.vm, &third.vcpu)? == before,
+        "a refused restore changed the vCPU"
+    );
+    Ok(())
+}
+
 const TILE_CFG: u64 = 0x2_0000;
 const TILE_DATA: u64 = 0x2_1000;
 const TILE_OUT: u64 = 0x2_2000;
-const RESTORE_CODE: u64 = CODE_ADDR + 0x100;
 
 fn amx_guest(kvm: &Kvm, host: &SystemHost<'_>) -> Result<(), Box<dyn std::error::Error>> {
     let permission = GuestPermission::request_feature(host, XFeature::XtileData)?;
@@ -674,7 +973,6 @@ fn amx_guest(kvm: &Kvm, host: &SystemHost<'_>) -> Result<(), Box<dyn std::error:
     let cpuid = permission.guest_cpuid(&supported)?;
     let layout = XsaveLayout::from_kvm_cpuid(&cpuid)?;
     let mut guest = TinyGuest::long_mode(kvm, &load)?;
-    guest.write(RESTORE_CODE, &store)?;
     guest.write(TILE_CFG, &cfg)?;
     guest.write(TILE_DATA, &data)?;
     enable_xsave(&guest.vcpu, &cpuid)?;
@@ -691,19 +989,19 @@ fn amx_guest(kvm: &Kvm, host: &SystemHost<'_>) -> Result<(), Box<dyn std::error:
         return Err("tmm0 in the XSAVE image differs from the loaded data".into());
     }
 
-    let mut restored = permission.create_vcpu(&guest.vm, 1)?;
-    restored.set_cpuid2(&cpuid)?;
-    restored.set_sregs(&guest.vcpu.get_sregs()?)?;
-    restored.set_xcrs(&guest.vcpu.get_xcrs()?)?;
-    state.set(&guest.vm, &restored)?;
-    let mut regs = restored.get_regs()?;
-    regs.rip = RESTORE_CODE;
-    regs.rsp = STACK_TOP;
-    regs.rflags = 0x2;
-    restored.set_regs(&regs)?;
-    run_to_hlt(&mut restored)?;
-    if guest.read(TILE_OUT, 1024)? != data {
-        return Err("tmm0 stored by the restored vCPU differs".into());
+    // The whole extended state, through serde, into a vCPU of a new VM whose code stores
+    // tmm0 to its own memory.
+    let saved = VcpuXstate::save(&guest.vm, &guest.vcpu)?;
+    if saved.xcr0() != Some(XFeatureSet::from_bits(0x60003)) {
+        return Err(format!("saved XCR0 {:?}, the guest set 0x60003", saved.xcr0()).into());
+    }
+    let moved: VcpuXstate = serde_json::from_slice(&serde_json::to_vec(&saved)?)?;
+    let mut restored = TinyGuest::long_mode(kvm, &store)?;
+    enable_xsave(&restored.vcpu, &cpuid)?;
+    moved.restore(&permission, &restored.vm, &restored.vcpu)?;
+    restored.expect_exit(GuestExit::Hlt)?;
+    if restored.read(TILE_OUT, 1024)? != data {
+        return Err("tmm0 stored by the vCPU of the new VM differs".into());
     }
     Ok(())
 }
@@ -718,17 +1016,8 @@ fn enable_xsave(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), Box<dyn std::error::
     Ok(())
 }
 
-fn run_to_hlt(vcpu: &mut VcpuFd) -> Result<(), Box<dyn std::error::Error>> {
-    loop {
-        match vcpu.run()? {
-            VcpuExit::Hlt => return Ok(()),
-            VcpuExit::Intr => continue,
-            other => return Err(format!("restored vCPU exited with {other:?}").into()),
-        }
-    }
-}
-
-/// Guest CPUID for a real guest: limited leaf 0xD keeps other leaves intact.
+/// Guest CPUID for a real guest: only the XSTATE leaves change (0xD, 7, 0x1D, 0x1E), and what
+/// the result advertises is what guests of this process can use.
 fn guest_cpuid_keeps_other_leaves(kvm: &Kvm) -> TestResult {
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
     let host = SystemHost::new(kvm);
@@ -737,11 +1026,20 @@ fn guest_cpuid_keeps_other_leaves(kvm: &Kvm) -> TestResult {
     let not_d = |c: &CpuId| -> Vec<kvm_cpuid_entry2> {
         c.as_slice()
             .iter()
-            .filter(|e| e.function != 0xd)
+            .filter(|e| !matches!(e.function, 0x7 | 0xd | 0x1d | 0x1e))
             .copied()
             .collect()
     };
     ensure!(not_d(&guest) == not_d(&supported), "other leaves changed");
+    permission.check_cpuid(&guest)?;
+    ensure!(
+        permission
+            .guest_features()
+            .contains_all(xstate_perm::cpuid::advertised(&guest)),
+        "guest CPUID advertises {}, permission gives {}",
+        xstate_perm::cpuid::advertised(&guest),
+        permission.guest_features()
+    );
     let layout = XsaveLayout::from_kvm_cpuid(&guest)?;
     ensure!(
         layout.xcr0_supported() == permission.guest_features(),
@@ -793,6 +1091,18 @@ fn main() {
             eopnotsupp_for_a_static_component,
         ),
         KvmTest::new("ebusy_after_the_first_vcpu", ebusy_after_the_first_vcpu),
+        KvmTest::new(
+            "cpuid_first_request_grants_tiledata",
+            cpuid_first_request_grants_tiledata,
+        ),
+        KvmTest::new(
+            "cpuid_check_names_the_component_kvm_refuses",
+            cpuid_check_names_the_component_kvm_refuses,
+        ),
+        KvmTest::new(
+            "extended_state_moves_to_a_new_vm",
+            extended_state_moves_to_a_new_vm,
+        ),
         KvmTest::new("kvm_guest_perm_attribute", kvm_guest_perm_attribute),
         KvmTest::new(
             "refused_requests_change_nothing",
