@@ -114,6 +114,35 @@ pub struct XsaveLayout {
 impl XsaveLayout {
     /// Parses leaf 0xD from `subleaf`, which returns the registers of a subleaf or `None`
     /// where the source has no such subleaf.
+    ///
+    /// ```
+    /// use xstate_perm::XsaveLayout;
+    ///
+    /// // x87, SSE and AVX (256 bytes at offset 576); 832 bytes in the standard format.
+    /// let layout = XsaveLayout::from_subleaves(|n| match n {
+    ///     0 => Some([0b111, 832, 832, 0]),
+    ///     2 => Some([256, 576, 0, 0]),
+    ///     _ => None,
+    /// })
+    /// .unwrap();
+    /// assert_eq!(layout.xcr0_supported().to_string(), "x87|sse|avx");
+    /// assert_eq!(layout.component(2).unwrap().offset, 576);
+    /// assert_eq!(layout.xsave2_size(layout.xcr0_supported()).unwrap(), 4096);
+    /// // A component that does not fit the area subleaf 0 announces is an error.
+    /// assert!(XsaveLayout::from_subleaves(|n| match n {
+    ///     0 => Some([0b111, 832, 800, 0]),
+    ///     2 => Some([256, 576, 0, 0]),
+    ///     _ => None,
+    /// })
+    /// .is_err());
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoXsaveLeaf`] without subleaf 0; [`Error::ComponentNotEnumerated`] for an
+    /// announced component without a size; [`Error::ComponentOutsideArea`] for a user
+    /// component outside the standard-format area; [`Error::AreaTooLarge`] where the sizes
+    /// add up past 4 GiB.
     pub fn from_subleaves(mut subleaf: impl FnMut(u32) -> Option<CpuidRegs>) -> Result<Self> {
         let main = subleaf(0).ok_or(Error::NoXsaveLeaf)?;
         let xcr0 = XFeatureSet::from_bits(u64::from(main[EAX]) | (u64::from(main[EDX]) << 32));
@@ -179,6 +208,10 @@ impl XsaveLayout {
     }
 
     /// The layout of the CPU this code runs on (`CPUID` instruction).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoXsaveLeaf`] on a CPU without XSAVE; otherwise as [`Self::from_subleaves`].
     pub fn host() -> Result<Self> {
         use core::arch::x86_64::__cpuid_count;
         // CPUID.1:ECX bit 26 is XSAVE; leaf 0 EAX is the maximum basic leaf.
@@ -196,11 +229,19 @@ impl XsaveLayout {
 
     /// The layout in a CPUID table from KVM (`KVM_GET_SUPPORTED_CPUID`, `KVM_GET_CPUID2`) or
     /// one built for a guest.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::from_subleaves`]; [`Error::NoXsaveLeaf`] where the table has no leaf 0xD.
     pub fn from_kvm_cpuid(cpuid: &CpuId) -> Result<Self> {
         Self::from_cpuid_entries(cpuid.as_slice())
     }
 
     /// The layout in a list of CPUID entries.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::from_kvm_cpuid`].
     pub fn from_cpuid_entries(entries: &[kvm_cpuid_entry2]) -> Result<Self> {
         Self::from_subleaves(|n| {
             entries
@@ -256,6 +297,10 @@ impl XsaveLayout {
     /// The standard-format size of an area holding `set`: the end of its last user
     /// component, at least the legacy region and header (576 bytes). Supervisor components
     /// have no standard-format place and are ignored.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotInLayout`] where `set` holds components this layout lacks.
     pub fn standard_size(&self, set: XFeatureSet) -> Result<u32> {
         self.check_known(set)?;
         let end = set
@@ -271,6 +316,10 @@ impl XsaveLayout {
     /// The offset of each extended component (`n >= 2`) of `set` in the compacted format:
     /// in ascending component order from byte 576, each rounded up to 64 bytes where its
     /// alignment bit is set (SDM vol. 1, 13.4.3).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotInLayout`] where `set` holds components this layout lacks.
     pub fn compacted_offsets(&self, set: XFeatureSet) -> Result<Vec<(u32, u32)>> {
         self.check_known(set)?;
         let mut offsets = Vec::new();
@@ -291,6 +340,10 @@ impl XsaveLayout {
 
     /// The compacted-format size of an area holding `set` (what XSAVEC/XSAVES write, and
     /// what the kernel allocates for a guest FPU).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotInLayout`] where `set` holds components this layout lacks.
     pub fn compacted_size(&self, set: XFeatureSet) -> Result<u32> {
         let offsets = self.compacted_offsets(set)?;
         Ok(match offsets.last() {
@@ -304,6 +357,10 @@ impl XsaveLayout {
     /// The buffer size `KVM_GET_XSAVE2` needs for guests allowed `guest_features`: the
     /// standard-format size, at least `sizeof(struct kvm_xsave)` (4096), as KVM computes
     /// `KVM_CAP_XSAVE2` (5.17).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotInLayout`] where `guest_features` holds components this layout lacks.
     pub fn xsave2_size(&self, guest_features: XFeatureSet) -> Result<usize> {
         let size = self.standard_size(guest_features)? as usize;
         Ok(size.max(sys::KVM_XSAVE_LEGACY_SIZE))
@@ -311,6 +368,11 @@ impl XsaveLayout {
 
     /// Checks the `KVM_CAP_XSAVE2` value `reported` against [`Self::xsave2_size`] and returns
     /// the size.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Xsave2SizeMismatch`] where the two differ; [`Error::NotInLayout`] as
+    /// [`Self::xsave2_size`].
     pub fn check_xsave2(&self, reported: i32, guest_features: XFeatureSet) -> Result<usize> {
         let expected = self.xsave2_size(guest_features)?;
         if usize::try_from(reported).ok() == Some(expected) {

@@ -423,7 +423,8 @@ fn xcr0_architectural(xcr0: XFeatureSet) -> std::result::Result<(), &'static str
     if !xcr0.intersection(mpx).is_empty() && !xcr0.contains_all(mpx) {
         return Err("MPX's bndregs and bndcsr go together");
     }
-    if !xcr0.intersection(avx512).is_empty() && !(xcr0.contains_all(avx512) && has(XFeature::Avx)) {
+    let partial_avx512 = !xcr0.intersection(avx512).is_empty() && !xcr0.contains_all(avx512);
+    if partial_avx512 || (!xcr0.intersection(avx512).is_empty() && !has(XFeature::Avx)) {
         return Err("AVX-512's opmask, zmm_hi256 and hi16_zmm go together, with AVX");
     }
     if !xcr0.intersection(XFeatureSet::AMX).is_empty() && !xcr0.contains_all(XFeatureSet::AMX) {

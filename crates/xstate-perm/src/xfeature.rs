@@ -129,6 +129,16 @@ impl fmt::Display for XFeature {
 ///
 /// Bits this crate does not name are kept (a newer CPU or kernel may report them) and are
 /// printed as `bitN`.
+///
+/// ```
+/// use xstate_perm::{XFeature, XFeatureSet};
+///
+/// let set: XFeatureSet = [XFeature::X87, XFeature::Sse, XFeature::Avx].into_iter().collect();
+/// assert_eq!(set.bits(), 0b111);
+/// assert_eq!(set.union(XFeatureSet::from_bits(1 << 40)).to_string(), "x87|sse|avx|bit40");
+/// assert_eq!(set.difference(XFeatureSet::LEGACY).features().collect::<Vec<_>>(), [XFeature::Avx]);
+/// assert_eq!(XFeatureSet::AMX.highest(), Some(18));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct XFeatureSet(u64);
 
