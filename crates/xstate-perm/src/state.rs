@@ -136,10 +136,10 @@ pub enum StateRule {
         allowed: XFeatureSet,
     },
     /// The image holds state for a component `IA32_XFD` disables. A CPU saves such a
-    /// component as initial (XSTATE_BV bit 0), so no real save has it; restoring it makes
-    /// kernels before the fix "x86/fpu: Clear XSTATE_BV[i] in guest XSAVE state whenever
-    /// XFD[i]=1" (6.19) fault with #NM in the host on the next XRSTOR, and later ones
-    /// drop it.
+    /// component as initial (its XSTATE_BV bit 0), so no real save has it; restoring it makes
+    /// a kernel without the fix "x86/fpu: Clear `XSTATE_BV[i]` in guest XSAVE state whenever
+    /// `XFD[i]=1`" (posted to the KVM list in December 2025) fault with #NM in the host on
+    /// the next XRSTOR, and one with the fix drops it.
     #[error("the XSAVE image holds state for {components}, which IA32_XFD disables")]
     StateUnderXfd {
         /// The components in both XSTATE_BV and XFD.
