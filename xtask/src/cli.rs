@@ -55,14 +55,23 @@ pub struct HostArgs {
     #[arg(long = "env", value_name = "K=V")]
     pub env: Vec<EnvVar>,
     /// Number of L1 vCPUs.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, default_value_t = MachineOptions::DEFAULT.smp, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub smp: u32,
     /// L1 memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(256..))]
+    #[arg(long, value_name = "MIB", default_value_t = MachineOptions::DEFAULT.mem_mib, value_parser = clap::value_parser!(u32).range(256..))]
     pub mem: u32,
-    /// Kill L1 after this many seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Kill one boot of L1 after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = MachineOptions::DEFAULT.timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
+    /// Declare L1 frozen after this many seconds without a console line or a heartbeat.
+    #[arg(long, value_name = "SECS", default_value_t = MachineOptions::DEFAULT.silence.as_secs(), value_parser = clap::value_parser!(u64).range(5..))]
+    pub silence: u64,
+    /// Kill a step inside L1 (a test timeout, never retried) after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = MachineOptions::DEFAULT.step_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub step_timeout: u64,
+    /// Boot a frozen L1 again this many times at most, resuming at the step it froze in.
+    #[arg(long, value_name = "N", default_value_t = MachineOptions::DEFAULT.freeze_retries, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub freeze_retries: u32,
 }
 
 impl HostArgs {
@@ -85,6 +94,9 @@ impl HostArgs {
             smp: self.smp,
             mem_mib: self.mem,
             timeout: Duration::from_secs(self.timeout),
+            silence: Duration::from_secs(self.silence),
+            step_timeout: Duration::from_secs(self.step_timeout),
+            freeze_retries: self.freeze_retries,
         }
     }
 }

@@ -12,6 +12,16 @@ pub const MODULE_DIR: &str = "/lib/modules";
 /// The value of `NESTED_KVM_VENDOR` inside L1, exported only once `kvm_amd` is verified.
 pub const KVM_VENDOR: &str = "kvm_amd";
 
+/// L1's second serial port, where `/init` writes its heartbeat (see [`crate::qemu::Machine`]).
+pub const HEARTBEAT_DEVICE: &str = "/dev/ttyS1";
+
+/// Seconds between two heartbeats.
+pub const HEARTBEAT_INTERVAL_SECS: u32 = 2;
+
+/// Where `/init` keeps the heartbeat loop's pid, for a step that must silence the host on
+/// purpose (the watchdog's own test).
+pub const HEARTBEAT_PID_FILE: &str = "/tmp/.heartbeat.pid";
+
 /// One command run inside L1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
@@ -31,6 +41,8 @@ pub struct InitScript {
     pub env: Vec<(String, String)>,
     /// The commands, run in order whatever their status.
     pub steps: Vec<Step>,
+    /// How long one step may run before `/init` reports it as timed out and kills it.
+    pub step_timeout_secs: u32,
 }
 
 impl InitScript {
@@ -56,7 +68,15 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
-"#
+# Heartbeat on the second serial port: the host declares L1 frozen when neither the console
+# nor this has shown anything for a while. A step that is merely quiet keeps it going.
+[ -c {heartbeat} ] || setup_failed "no heartbeat port {heartbeat}"
+( while :; do cut -d' ' -f1 /proc/uptime > {heartbeat}; sleep {interval}; done ) &
+echo $! > {pid_file}
+"#,
+            heartbeat = HEARTBEAT_DEVICE,
+            interval = HEARTBEAT_INTERVAL_SECS,
+            pid_file = HEARTBEAT_PID_FILE,
         ));
         for module in &self.modules {
             let path = shell_quote(&format!("{MODULE_DIR}/{module}.ko"));
@@ -81,15 +101,26 @@ export NESTED_KVM_VENDOR={KVM_VENDOR}
                 .map(|arg| shell_quote(arg))
                 .collect::<Vec<_>>()
                 .join(" ");
+            // The step runs in the background under a guard that reports and kills it when
+            // it overstays; a step that ends in time kills the guard, which takes its
+            // `sleep` along. The sleeps do not hold the console: should one be orphaned (the
+            // kill can come between its start and `$!`), it cannot keep a pipe open.
             s.push_str(&format!(
                 r#"echo {begin} {label}
-{argv}
+{argv} &
+step=$!
+( trap 'kill $nap; exit 0' TERM; sleep {timeout} >/dev/null & nap=$!; wait $nap; echo {timed_out} {label}; kill -TERM $step; sleep 10 >/dev/null & nap=$!; wait $nap; kill -KILL $step ) 2>/dev/null &
+guard=$!
+wait $step
 status=$?
+kill $guard 2>/dev/null
 echo {end} {label} "rc=$status"
 [ "$status" -eq 0 ] || rc=$status
 "#,
                 begin = protocol::BEGIN,
                 end = protocol::END,
+                timed_out = protocol::TIMEOUT,
+                timeout = self.step_timeout_secs,
             ));
         }
         s.push_str("finish \"$rc\"\n");
@@ -135,6 +166,7 @@ mod tests {
                 label: "probe".into(),
                 argv: vec!["/bin/sh".into(), "-c".into(), "exit 3".into()],
             }],
+            step_timeout_secs: 60,
         }
         .render();
         let insmod = script.find("insmod '/lib/modules/kvm-amd.ko'").unwrap();
@@ -145,6 +177,71 @@ mod tests {
         assert!(script.contains("export REQUIRE_KVM='1'"));
         assert!(script.contains("finish 97"));
         assert!(script.ends_with("finish \"$rc\"\n"));
+        let heartbeat = script.find("> /dev/ttyS1; sleep 2").unwrap();
+        assert!(
+            heartbeat < insmod,
+            "heartbeat starts after the modules load"
+        );
+    }
+
+    /// The shell L1 runs `/init` with (busybox's), where the host has it; its job control
+    /// differs from dash's in how a killed subshell's children go.
+    fn l1_shell() -> Command {
+        if std::path::Path::new(crate::l1::BUSYBOX).exists() {
+            let mut command = Command::new(crate::l1::BUSYBOX);
+            command.arg("sh");
+            command
+        } else {
+            Command::new("sh")
+        }
+    }
+
+    /// The script with the lines that only work in L1 taken out, runnable on the host.
+    fn host_runnable(script: &str) -> String {
+        script
+            .replace("poweroff -f", "exit 0")
+            .lines()
+            .filter(|l| {
+                !l.starts_with("mount ")
+                    && !l.starts_with("[ -")
+                    && !l.starts_with("cd ")
+                    && !l.contains(HEARTBEAT_DEVICE)
+                    && !l.contains(HEARTBEAT_PID_FILE)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn a_step_that_overstays_is_reported_and_killed() {
+        let script = InitScript {
+            modules: Vec::new(),
+            env: Vec::new(),
+            steps: vec![
+                Step {
+                    label: "hangs".into(),
+                    argv: vec!["sleep".into(), "30".into()],
+                },
+                Step {
+                    label: "next".into(),
+                    argv: vec!["true".into()],
+                },
+            ],
+            step_timeout_secs: 1,
+        }
+        .render();
+        let started = std::time::Instant::now();
+        let output = l1_shell()
+            .arg("-c")
+            .arg(host_runnable(&script))
+            .output()
+            .unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "NESTED-BEGIN hangs\nNESTED-TIMEOUT hangs\nNESTED-END hangs rc=143\n\
+             NESTED-BEGIN next\nNESTED-END next rc=0\nNESTED-RESULT rc=143\n"
+        );
     }
 
     /// Runs the step part of a rendered script on the host, with the L1-only lines stubbed.
@@ -163,15 +260,14 @@ mod tests {
                     argv: vec!["sh".into(), "-c".into(), "echo \"$GREETING\"".into()],
                 },
             ],
+            step_timeout_secs: 60,
         }
         .render();
-        let runnable = script
-            .replace("poweroff -f", "exit 0")
-            .lines()
-            .filter(|l| !l.starts_with("mount ") && !l.starts_with("[ -") && !l.starts_with("cd "))
-            .collect::<Vec<_>>()
-            .join("\n");
-        let output = Command::new("sh").arg("-c").arg(runnable).output().unwrap();
+        let output = l1_shell()
+            .arg("-c")
+            .arg(host_runnable(&script))
+            .output()
+            .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert_eq!(
             stdout,

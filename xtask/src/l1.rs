@@ -8,6 +8,7 @@
 //! uncompressed: at ~10 MiB, `gzip -1` made no measurable difference to the boot time, and
 //! an uncompressed archive needs no compressor on the host.
 
+use std::fmt;
 use std::fs::File;
 use std::io::{self, BufWriter};
 use std::path::{Path, PathBuf};
@@ -65,6 +66,9 @@ pub enum Error {
     /// L1 could not provide kvm-amd, so nothing was run.
     #[error("L1 has no usable kvm-amd: {0}")]
     NoKvm(String),
+    /// The test host froze more often than the retry bound allows.
+    #[error("{}", frozen_summary(.0))]
+    Frozen(Vec<FreezeReport>),
     /// L1 powered off or crashed without printing its result line.
     #[error("L1 ended without reporting a result (kernel panic, or /init died); see the console output above")]
     NoResult,
@@ -73,24 +77,132 @@ pub enum Error {
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// The size of the emulated machine and how long it may run.
+/// The size of the emulated machine, how long it may run, and how a frozen one is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MachineOptions {
     /// Number of vCPUs.
     pub smp: u32,
     /// Memory in MiB.
     pub mem_mib: u32,
-    /// How long L1 may run before QEMU is killed.
+    /// How long one boot of L1 may run before QEMU is killed.
     pub timeout: Duration,
+    /// How long L1 may show no sign of life (console line or heartbeat) before it is
+    /// declared frozen.
+    pub silence: Duration,
+    /// How long one step may run inside L1 before `/init` kills it (a test timeout, reported
+    /// as the step's failure and never retried).
+    pub step_timeout: Duration,
+    /// How many times a frozen L1 is booted again to resume from the step it froze in.
+    pub freeze_retries: u32,
 }
 
-/// What a finished L1 run reported.
+impl MachineOptions {
+    /// The defaults of `cargo xtask nested` and `nested-tests`: 2 vCPUs, 2 GiB; 900 s per
+    /// boot. The silence limit of 60 s is 30 heartbeats: healthy runs show at most a few
+    /// seconds between signs of life (the boot up to `/init`, about 3 s), and a step that is
+    /// merely quiet does not stop the heartbeat. A step may take 600 s, which is more than
+    /// ten times the slowest test binary measured in L1. Two retries after a freeze.
+    pub const DEFAULT: Self = Self {
+        smp: 2,
+        mem_mib: 2048,
+        timeout: Duration::from_secs(900),
+        silence: Duration::from_secs(60),
+        step_timeout: Duration::from_secs(600),
+        freeze_retries: 2,
+    };
+}
+
+/// Where and how a test host froze.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreezeReport {
+    /// Which boot of L1 froze (1 for the first).
+    pub attempt: u32,
+    /// The step that was running, if one was.
+    pub step: Option<String>,
+    /// How long it had been silent.
+    pub silent_for: Duration,
+    /// How long after its start it was declared frozen.
+    pub after: Duration,
+    /// Its last console lines, oldest first.
+    pub last_lines: Vec<String>,
+}
+
+impl fmt::Display for FreezeReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "test host frozen in boot {} {}: no console output and no heartbeat for {} s, {:.0} s after it started",
+            self.attempt,
+            match &self.step {
+                Some(step) => format!("during step `{step}`"),
+                None => "before any step ran".to_owned(),
+            },
+            self.silent_for.as_secs(),
+            self.after.as_secs_f64(),
+        )
+    }
+}
+
+fn frozen_summary(reports: &[FreezeReport]) -> String {
+    let mut text = format!(
+        "the test host froze {} times, more than the {} retries allowed:",
+        reports.len(),
+        reports.len().saturating_sub(1)
+    );
+    for report in reports {
+        text.push_str(&format!("\n  {report}"));
+    }
+    text
+}
+
+/// The prefix of the line printed on stdout for each frozen boot that is retried, which
+/// `cargo xtask ci` counts.
+pub const FROZEN_RETRY_PREFIX: &str = "xtask: FROZEN-HOST-RETRY";
+
+/// What a finished L1 run reported, over all its boots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
-    /// The overall status from the `NESTED-RESULT` line.
+    /// The overall status: that of the last step that failed, or of `/init` itself.
     pub rc: u8,
-    /// Each step that started, with its status and test results.
+    /// Each step that ran to its end (or to the end of L1), in order. A step a frozen boot
+    /// interrupted appears once, from the boot that ran it again.
     pub steps: Vec<StepReport>,
+    /// The boots that froze and were retried.
+    pub freezes: Vec<FreezeReport>,
+}
+
+/// Decides what to do after a boot froze: keeps the steps that ended, returns the report
+/// and the steps still to run (starting with the one that was running).
+fn after_freeze(
+    transcript: Transcript,
+    remaining: &mut Vec<Step>,
+    done: &mut Vec<StepReport>,
+    attempt: u32,
+    error: qemu::Error,
+) -> std::result::Result<FreezeReport, qemu::Error> {
+    let qemu::Error::Frozen {
+        silent_for,
+        after,
+        last_lines,
+    } = error
+    else {
+        return Err(error);
+    };
+    let ended = transcript
+        .steps
+        .iter()
+        .take_while(|step| step.rc.is_some())
+        .count();
+    let step = transcript.steps.get(ended).map(|step| step.label.clone());
+    done.extend(transcript.steps.into_iter().take(ended));
+    remaining.drain(..ended.min(remaining.len()));
+    Ok(FreezeReport {
+        attempt,
+        step,
+        silent_for,
+        after,
+        last_lines,
+    })
 }
 
 /// An L1 initramfs under construction, with the kernel it is for.
@@ -173,17 +285,91 @@ impl L1Image {
 
     /// Adds an `/init` that runs `steps` with `env`, boots L1 and streams its console to
     /// stdout until it powers off. Succeeds only if L1 loaded kvm-amd and printed its result.
+    ///
+    /// A boot that goes silent for `options.silence` is a frozen test host: it is reported,
+    /// and L1 is booted again (at most `options.freeze_retries` times) to run the step that
+    /// was running and those after it; steps that ended are not run again. Inside L1 each
+    /// step sees `NESTED_ATTEMPT` (1 for the first boot).
     pub fn boot(
         mut self,
         env: Vec<(String, String)>,
         steps: Vec<Step>,
         options: MachineOptions,
     ) -> Result<Outcome> {
-        let init = InitScript {
-            modules: std::mem::take(&mut self.modules),
-            env,
-            steps,
-        };
+        let modules = std::mem::take(&mut self.modules);
+        let mut remaining = steps;
+        let mut done = Vec::new();
+        let mut freezes: Vec<FreezeReport> = Vec::new();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut env = env.clone();
+            env.push((ATTEMPT_ENV.to_owned(), attempt.to_string()));
+            let init = InitScript {
+                modules: modules.clone(),
+                env,
+                steps: remaining.clone(),
+                step_timeout_secs: u32::try_from(options.step_timeout.as_secs())
+                    .unwrap_or(u32::MAX),
+            };
+            let (transcript, result) = self.boot_once(&init, options)?;
+            match result {
+                Ok(stats) => {
+                    eprintln!(
+                        "xtask: longest silence of L1 {:.1} s (frozen after {} s)",
+                        stats.longest_silence.as_secs_f64(),
+                        options.silence.as_secs()
+                    );
+                    if let Some(message) = transcript.setup_error {
+                        return Err(Error::NoKvm(message));
+                    }
+                    let rc = transcript.result.ok_or(Error::NoResult)?;
+                    done.extend(transcript.steps);
+                    let rc = if rc != 0 {
+                        rc
+                    } else {
+                        done.iter()
+                            .filter_map(|step| step.rc)
+                            .filter(|&rc| rc != 0)
+                            .last()
+                            .unwrap_or(0)
+                    };
+                    return Ok(Outcome {
+                        rc,
+                        steps: done,
+                        freezes,
+                    });
+                }
+                Err(error) => {
+                    let report =
+                        after_freeze(transcript, &mut remaining, &mut done, attempt, error)?;
+                    println!("xtask: {report}; its last console lines:");
+                    for line in &report.last_lines {
+                        println!("xtask:   | {}", strip_ansi(line));
+                    }
+                    freezes.push(report);
+                    if freezes.len() > options.freeze_retries as usize {
+                        return Err(Error::Frozen(freezes));
+                    }
+                    let resume = remaining
+                        .first()
+                        .map_or("(no steps left)".to_owned(), |step| step.label.clone());
+                    println!(
+                        "{FROZEN_RETRY_PREFIX} {} of {}: booting L1 again, resuming at `{resume}`",
+                        freezes.len(),
+                        options.freeze_retries
+                    );
+                }
+            }
+        }
+    }
+
+    /// Writes the image with `init` and boots it once.
+    fn boot_once(
+        &mut self,
+        init: &InitScript,
+        options: MachineOptions,
+    ) -> Result<(Transcript, qemu::Result<qemu::RunStats>)> {
         let script = init.render().into_bytes();
         self.tree
             .add_file(&"/init".parse()?, FileSource::Bytes(script), 0o755);
@@ -199,6 +385,7 @@ impl L1Image {
             initrd,
             smp: options.smp,
             mem_mib: options.mem_mib,
+            heartbeat: self.scratch.path().join("heartbeat"),
         };
         eprintln!(
             "xtask: booting L1 ({}, {} vCPUs, {} MiB)",
@@ -206,7 +393,11 @@ impl L1Image {
         );
         let started = Instant::now();
         let mut transcript = Transcript::default();
-        machine.run(options.timeout, |line| {
+        let watchdog = qemu::Watchdog {
+            timeout: options.timeout,
+            silence: options.silence,
+        };
+        let result = machine.run(watchdog, |line| {
             if let Some(Marker::Begin { label }) = transcript.observe(line) {
                 println!("{}", step_header(&label));
             } else {
@@ -214,19 +405,18 @@ impl L1Image {
                 // with a terminal reset); keep them away from the user's terminal.
                 println!("{}", strip_ansi(line));
             }
-        })?;
+        });
         eprintln!("xtask: L1 ran for {:.1} s", started.elapsed().as_secs_f64());
-
-        if let Some(message) = transcript.setup_error {
-            return Err(Error::NoKvm(message));
+        match result {
+            Ok(stats) => Ok((transcript, Ok(stats))),
+            Err(frozen @ qemu::Error::Frozen { .. }) => Ok((transcript, Err(frozen))),
+            Err(other) => Err(other.into()),
         }
-        let rc = transcript.result.ok_or(Error::NoResult)?;
-        Ok(Outcome {
-            rc,
-            steps: transcript.steps,
-        })
     }
 }
+
+/// The variable that tells a step which boot of L1 it runs in (1 for the first).
+pub const ATTEMPT_ENV: &str = "NESTED_ATTEMPT";
 
 /// The line printed on the host before a step's output in L1.
 pub fn step_header(label: &str) -> String {
@@ -247,6 +437,103 @@ const STEP_HEADER_RULE: &str = "====================";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn step(label: &str) -> Step {
+        Step {
+            label: label.into(),
+            argv: vec!["true".into()],
+        }
+    }
+
+    fn frozen() -> qemu::Error {
+        qemu::Error::Frozen {
+            silent_for: Duration::from_secs(60),
+            after: Duration::from_secs(100),
+            last_lines: vec!["test b ... ".into()],
+        }
+    }
+
+    #[test]
+    fn a_freeze_resumes_at_the_running_step_and_keeps_the_ended_ones() {
+        let mut transcript = Transcript::default();
+        for line in [
+            "NESTED-BEGIN a",
+            "test result: ok. 1 passed",
+            "NESTED-END a rc=0",
+            "NESTED-BEGIN b",
+        ] {
+            transcript.observe(line);
+        }
+        let mut remaining = vec![step("a"), step("b"), step("c")];
+        let mut done = Vec::new();
+        let report = after_freeze(transcript, &mut remaining, &mut done, 1, frozen()).unwrap();
+        assert_eq!(report.step.as_deref(), Some("b"));
+        assert_eq!(report.attempt, 1);
+        assert_eq!(report.last_lines, ["test b ... "]);
+        assert_eq!(
+            remaining
+                .iter()
+                .map(|s| s.label.as_str())
+                .collect::<Vec<_>>(),
+            ["b", "c"]
+        );
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].label, "a");
+        let text = report.to_string();
+        assert!(text.contains("during step `b`"), "{text}");
+        assert!(text.contains("60 s"), "{text}");
+    }
+
+    #[test]
+    fn a_freeze_before_any_step_reruns_everything() {
+        let mut remaining = vec![step("a")];
+        let mut done = Vec::new();
+        let report = after_freeze(
+            Transcript::default(),
+            &mut remaining,
+            &mut done,
+            2,
+            frozen(),
+        )
+        .unwrap();
+        assert_eq!(report.step, None);
+        assert_eq!(remaining.len(), 1);
+        assert!(done.is_empty());
+        assert!(report.to_string().contains("before any step ran"));
+    }
+
+    #[test]
+    fn only_a_freeze_is_retried() {
+        let mut remaining = vec![step("a")];
+        let mut done = Vec::new();
+        let error = after_freeze(
+            Transcript::default(),
+            &mut remaining,
+            &mut done,
+            1,
+            qemu::Error::Timeout(Duration::from_secs(900)),
+        )
+        .unwrap_err();
+        assert!(matches!(error, qemu::Error::Timeout(_)));
+        assert_eq!(remaining.len(), 1);
+    }
+
+    #[test]
+    fn too_many_freezes_name_every_one() {
+        let report = |attempt| FreezeReport {
+            attempt,
+            step: Some("x/kvm".into()),
+            silent_for: Duration::from_secs(60),
+            after: Duration::from_secs(5),
+            last_lines: Vec::new(),
+        };
+        let text = Error::Frozen(vec![report(1), report(2), report(3)]).to_string();
+        assert!(
+            text.starts_with("the test host froze 3 times, more than the 2 retries"),
+            "{text}"
+        );
+        assert_eq!(text.matches("during step `x/kvm`").count(), 3, "{text}");
+    }
 
     #[test]
     fn step_headers_round_trip() {

@@ -73,6 +73,8 @@ enum Verdict {
     /// not a pass.
     NoTestResult,
     Failed(u8),
+    /// `/init` killed it for overstaying the step timeout while L1 was alive.
+    TimedOut,
     /// L1 ended while it ran.
     Unfinished,
     /// L1 ended before it started.
@@ -83,6 +85,7 @@ enum Verdict {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Summary {
     rows: Vec<(String, Verdict, Vec<String>)>,
+    freezes: Vec<l1::FreezeReport>,
 }
 
 impl Summary {
@@ -95,6 +98,7 @@ impl Summary {
                     None => (label, Verdict::NotRun, Vec::new()),
                     Some(step) => {
                         let verdict = match step.rc {
+                            Some(_) if step.timed_out => Verdict::TimedOut,
                             Some(0) if step.test_results.is_empty() => Verdict::NoTestResult,
                             Some(0) => Verdict::Passed,
                             Some(rc) => Verdict::Failed(rc),
@@ -105,7 +109,10 @@ impl Summary {
                 }
             })
             .collect();
-        Self { rows }
+        Self {
+            rows,
+            freezes: outcome.freezes.clone(),
+        }
     }
 
     fn passed(&self) -> bool {
@@ -129,6 +136,7 @@ impl fmt::Display for Summary {
                 Verdict::Passed => "ok".to_owned(),
                 Verdict::NoTestResult => "FAILED (exit 0, but no tests ran)".to_owned(),
                 Verdict::Failed(rc) => format!("FAILED (rc={rc})"),
+                Verdict::TimedOut => "FAILED (test timeout: killed by the step timeout)".to_owned(),
                 Verdict::Unfinished => "UNFINISHED".to_owned(),
                 Verdict::NotRun => "NOT RUN".to_owned(),
             };
@@ -139,6 +147,10 @@ impl fmt::Display for Summary {
             for result in results {
                 writeln!(f, "  {:width$}    {result}", "")?;
             }
+        }
+        writeln!(f, "frozen-host retries: {}", self.freezes.len())?;
+        for freeze in &self.freezes {
+            writeln!(f, "  {freeze}")?;
         }
         let verdict = if self.passed() { "ok" } else { "FAILED" };
         writeln!(f, "nested-tests: {verdict}")
@@ -163,6 +175,7 @@ mod tests {
             label: label.into(),
             rc,
             test_results: vec![result.into()],
+            timed_out: false,
         }
     }
 
@@ -175,12 +188,25 @@ mod tests {
                 step("a/kvm", Some(0), "test result: ok. 1 passed"),
                 step("b/smoke", Some(0), "test result: ok. 2 passed"),
             ],
+            freezes: vec![l1::FreezeReport {
+                attempt: 1,
+                step: Some("b/smoke".into()),
+                silent_for: std::time::Duration::from_secs(60),
+                after: std::time::Duration::from_secs(30),
+                last_lines: Vec::new(),
+            }],
         };
         let summary = Summary::new(&binaries, &outcome);
         assert!(summary.passed());
         let text = summary.to_string();
         assert!(text.contains("test result: ok. 2 passed"), "{text}");
         assert!(text.ends_with("nested-tests: ok\n"), "{text}");
+        assert!(
+            text.contains(
+                "frozen-host retries: 1\n  test host frozen in boot 1 during step `b/smoke`"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
@@ -190,11 +216,15 @@ mod tests {
             binary("b", "kvm"),
             binary("c", "kvm"),
             binary("d", "smoke"),
+            binary("e", "kvm"),
         ];
+        let mut hung = step("e/kvm", Some(143), "");
+        hung.timed_out = true;
         let stub = StepReport {
             label: "c/kvm".into(),
             rc: Some(0),
             test_results: Vec::new(),
+            timed_out: false,
         };
         let outcome = Outcome {
             rc: 101,
@@ -202,7 +232,9 @@ mod tests {
                 step("a/kvm", Some(101), "test result: FAILED. 1 failed"),
                 step("b/kvm", None, ""),
                 stub,
+                hung,
             ],
+            freezes: Vec::new(),
         };
         let summary = Summary::new(&binaries, &outcome);
         assert!(!summary.passed());
@@ -216,7 +248,8 @@ mod tests {
                 Verdict::Failed(101),
                 Verdict::Unfinished,
                 Verdict::NoTestResult,
-                Verdict::NotRun
+                Verdict::NotRun,
+                Verdict::TimedOut
             ]
         );
     }

@@ -6,6 +6,7 @@
 //! ```text
 //! NESTED-BEGIN <label>          a step (one command) starts
 //! NESTED-END <label> rc=<N>     it exited with status N
+//! NESTED-TIMEOUT <label>        it overstayed the step timeout and is being killed
 //! NESTED-ERROR <message>        L1 could not provide kvm-amd; no step ran
 //! NESTED-RESULT rc=<N>          the last line before power-off: the overall status
 //! ```
@@ -17,6 +18,8 @@
 pub const BEGIN: &str = "NESTED-BEGIN";
 /// Prefix of the line that ends a step.
 pub const END: &str = "NESTED-END";
+/// Prefix of the line that reports a step killed for overstaying its time.
+pub const TIMEOUT: &str = "NESTED-TIMEOUT";
 /// Prefix of the line that reports why L1 has no usable KVM.
 pub const ERROR: &str = "NESTED-ERROR";
 /// Prefix of the final line.
@@ -41,6 +44,11 @@ pub enum Marker {
         label: String,
         /// Its exit status.
         rc: u8,
+    },
+    /// `NESTED-TIMEOUT <label>`.
+    Timeout {
+        /// The step's label.
+        label: String,
     },
     /// `NESTED-ERROR <message>`.
     SetupError {
@@ -71,6 +79,11 @@ impl Marker {
             return Some(Self::End {
                 label: label.trim().to_owned(),
                 rc: parse_rc(rc)?,
+            });
+        }
+        if let Some(rest) = after(line, TIMEOUT) {
+            return Some(Self::Timeout {
+                label: rest.trim().to_owned(),
             });
         }
         if let Some(rest) = after(line, BEGIN) {
@@ -126,6 +139,8 @@ pub struct StepReport {
     pub rc: Option<u8>,
     /// The `test result:` lines it printed, for a test binary.
     pub test_results: Vec<String>,
+    /// Whether `/init` killed it for overstaying the step timeout.
+    pub timed_out: bool,
 }
 
 /// Everything L1 reported, accumulated line by line from its console.
@@ -149,7 +164,13 @@ impl Transcript {
                 label: label.clone(),
                 rc: None,
                 test_results: Vec::new(),
+                timed_out: false,
             }),
+            Some(Marker::Timeout { label }) => {
+                if let Some(step) = self.steps.iter_mut().rev().find(|s| &s.label == label) {
+                    step.timed_out = true;
+                }
+            }
             Some(Marker::End { label, rc }) => {
                 if let Some(step) = self.steps.iter_mut().rev().find(|s| &s.label == label) {
                     step.rc = Some(*rc);
@@ -217,6 +238,20 @@ mod tests {
                 rc: 101
             })
         );
+    }
+
+    #[test]
+    fn timeout_marks_its_step() {
+        let mut transcript = Transcript::default();
+        for line in [
+            "NESTED-BEGIN a/kvm",
+            "NESTED-TIMEOUT a/kvm",
+            "NESTED-END a/kvm rc=143",
+        ] {
+            transcript.observe(line);
+        }
+        assert!(transcript.steps[0].timed_out);
+        assert_eq!(transcript.steps[0].rc, Some(143));
     }
 
     #[test]
