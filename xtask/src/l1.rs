@@ -330,8 +330,7 @@ impl L1Image {
                     } else {
                         done.iter()
                             .filter_map(|step| step.rc)
-                            .filter(|&rc| rc != 0)
-                            .last()
+                            .rfind(|&rc| rc != 0)
                             .unwrap_or(0)
                     };
                     return Ok(Outcome {
