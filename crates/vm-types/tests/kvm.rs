@@ -183,13 +183,29 @@ fn probe_reports_every_type(kvm: &Kvm) -> TestResult {
 /// every call it allows reaches the kernel.
 fn guard_refuses_before_the_kernel_is_asked(kvm: &Kvm) -> TestResult {
     let vm = create_vm(kvm, VmType::Default)?;
+    vm.create_irq_chip()?; // an in-kernel LAPIC, for KVM_{GET,SET}_LAPIC
     let mut vcpu = vm.create_vcpu(0)?;
+    let xsave2_size = vm.check_extension_int(Cap::Xsave2);
     let marker = kvm_regs {
         rip: 0x1234,
         rflags: 2,
         ..Default::default()
     };
     vcpu.set_regs(&marker)?;
+    // Values read from the kernel, written back through the wrapper where it allows it.
+    let fpu = vcpu.get_fpu()?;
+    let xcrs = vcpu.get_xcrs()?;
+    let debug_regs = vcpu.get_debug_regs()?;
+    let events = vcpu.get_vcpu_events()?;
+    let mp_state = vcpu.get_mp_state()?;
+    let lapic = vcpu.get_lapic()?;
+    let tsc_khz = vcpu.get_tsc_khz()?;
+    let legacy_xsave = vcpu.get_xsave()?;
+    let mut efer_now = Msrs::from_entries(&[kvm_msr_entry {
+        index: 0xc000_0080,
+        ..Default::default()
+    }])?;
+    vcpu.get_msrs(&mut efer_now)?;
     let mut refused = 0;
     let mut passed = 0;
     for ty in VmType::ALL
@@ -223,6 +239,16 @@ fn guard_refuses_before_the_kernel_is_asked(kvm: &Kvm) -> TestResult {
                 guarded.set_guest_debug(&kvm_guest_debug::default()),
             ),
             (VcpuOp::GetMsrs, guarded.get_msrs(&mut efer).map(drop)),
+            (VcpuOp::SetMsrs, guarded.set_msrs(&efer_now).map(drop)),
+            (VcpuOp::SetFpu, guarded.set_fpu(&fpu)),
+            (VcpuOp::SetXcrs, guarded.set_xcrs(&xcrs)),
+            (VcpuOp::SetDebugRegs, guarded.set_debug_regs(&debug_regs)),
+            (VcpuOp::SetVcpuEvents, guarded.set_vcpu_events(&events)),
+            (VcpuOp::SetMpState, guarded.set_mp_state(mp_state)),
+            (VcpuOp::GetLapic, guarded.get_lapic().map(drop)),
+            (VcpuOp::SetLapic, guarded.set_lapic(&lapic)),
+            (VcpuOp::SetTscKhz, guarded.set_tsc_khz(tsc_khz)),
+            (VcpuOp::GetSregs2, guarded.get_sregs2().map(drop)),
             (
                 VcpuOp::SyncRegs,
                 guarded.set_sync_valid_reg(SyncReg::Register),
@@ -232,9 +258,16 @@ fn guard_refuses_before_the_kernel_is_asked(kvm: &Kvm) -> TestResult {
                 guarded.set_sync_dirty_reg(SyncReg::SystemRegister),
             ),
         ];
+        let mut calls = calls;
+        if usize::try_from(xsave2_size).is_ok_and(|size| size <= std::mem::size_of::<kvm_xsave>()) {
+            // SAFETY: this VM's KVM_CAP_XSAVE2 is at most the size of struct kvm_xsave, so the
+            // kernel reads no more than `legacy_xsave` holds.
+            let result = unsafe { guarded.set_xsave(&legacy_xsave) };
+            calls.push((VcpuOp::SetXsave, result));
+        }
         for (op, result) in calls {
             let expected = guard.check(op).and(match op {
-                VcpuOp::GetMsrs => guard.check_msr(op, 0xc000_0080),
+                VcpuOp::GetMsrs | VcpuOp::SetMsrs => guard.check_msr(op, 0xc000_0080),
                 _ => Ok(()),
             });
             match (expected, result) {
