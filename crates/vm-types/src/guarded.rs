@@ -2,8 +2,9 @@
 //!
 //! [`GuardedVcpu`] owns a `kvm_ioctls::VcpuFd` and offers every vCPU state ioctl kvm-ioctls
 //! has (registers, special registers, FPU, XSAVE and XSAVE2, XCRs, debug registers, events,
-//! MSRs, LAPIC, MP state, TSC frequency, guest debug), `KVM_{GET,SET}_SREGS2` (which kvm-ioctls
-//! lacks), `KVM_RUN` and the sync-regs switches. A refused call never reaches the kernel and
+//! MSRs, LAPIC, MP state, nested state, TSC frequency, guest debug), `KVM_{GET,SET}_SREGS2`
+//! (which kvm-ioctls lacks), `KVM_RUN` and the sync-regs switches. CPUID, interrupt injection
+//! and address translation go through [`GuardedVcpu::vcpu`]. A refused call never reaches the kernel and
 //! comes back as [`VcpuError::Refused`], naming the operation, the VM type and the kernel check.
 //!
 //! The guard follows the VM's launch: a vCPU made by [`crate::TypedVm::create_vcpu`] shares the
@@ -14,7 +15,8 @@ use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_guest_debug, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs,
     kvm_sregs2, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, Xsave,
 };
-use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use kvm_ioctls::{KvmNestedStateBuffer, SyncReg, VcpuExit, VcpuFd};
+use std::num::NonZeroUsize;
 use thiserror::Error;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
 
@@ -287,6 +289,33 @@ impl GuardedVcpu {
         let guard = self.guard();
         guard.check(op)?;
         guard.check_msrs(op, msrs.as_slice().iter().map(|entry| entry.index))
+    }
+
+    /// `KVM_GET_NESTED_STATE` into `buffer` (`KVM_CAP_NESTED_STATE`), if the guard allows it;
+    /// `None` when the vCPU has no nested state, as in kvm-ioctls.
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuError::Refused`] if the guard refuses it, [`VcpuError::Ioctl`] if the kernel does.
+    pub fn nested_state(&self, buffer: &mut KvmNestedStateBuffer) -> Result<Option<NonZeroUsize>> {
+        let op = VcpuOp::GetNestedState;
+        self.check(op)?;
+        self.vcpu
+            .nested_state(buffer)
+            .map_err(|source| VcpuError::Ioctl { op, source })
+    }
+
+    /// `KVM_SET_NESTED_STATE`, if the guard allows it.
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuError::Refused`] if the guard refuses it, [`VcpuError::Ioctl`] if the kernel does.
+    pub fn set_nested_state(&self, state: &KvmNestedStateBuffer) -> Result<()> {
+        let op = VcpuOp::SetNestedState;
+        self.check(op)?;
+        self.vcpu
+            .set_nested_state(state)
+            .map_err(|source| VcpuError::Ioctl { op, source })
     }
 
     /// `KVM_GET_SREGS2` (special registers with the PDPTRs, `KVM_CAP_SREGS2`, Linux 5.14), if

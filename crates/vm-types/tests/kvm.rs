@@ -8,7 +8,7 @@ use kvm_bindings::{
     kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_xsave, Msrs, Xsave, KVM_GUESTDBG_ENABLE,
     KVM_GUESTDBG_SINGLESTEP,
 };
-use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit};
+use kvm_ioctls::{Cap, Kvm, KvmNestedStateBuffer, SyncReg, VcpuExit};
 use kvm_test_support::guest::CODE_ADDR;
 use kvm_test_support::{
     ensure, harness, KvmTest, Mode, Requirement, TestError, TestResult, TinyGuest,
@@ -177,6 +177,11 @@ fn probe_reports_every_type(kvm: &Kvm) -> TestResult {
     Ok(())
 }
 
+/// Whether the last call in `calls` succeeded.
+fn got_ok(calls: &[(VcpuOp, Result<(), VcpuError>)]) -> bool {
+    matches!(calls.last(), Some((_, Ok(()))))
+}
+
 /// The wrapper's calls in front of a DEFAULT VM's vCPU (whose kernel accepts all of them),
 /// with a guard of each protected-state type after launch: every call the guard refuses comes
 /// back as that refusal without reaching the kernel (the registers keep their marker), and
@@ -259,6 +264,14 @@ fn guard_refuses_before_the_kernel_is_asked(kvm: &Kvm) -> TestResult {
             ),
         ];
         let mut calls = calls;
+        if kvm.check_extension(Cap::NestedState) {
+            let mut nested = KvmNestedStateBuffer::empty();
+            let got = guarded.nested_state(&mut nested).map(drop);
+            calls.push((VcpuOp::GetNestedState, got));
+            if got_ok(&calls) {
+                calls.push((VcpuOp::SetNestedState, guarded.set_nested_state(&nested)));
+            }
+        }
         if usize::try_from(xsave2_size).is_ok_and(|size| size <= std::mem::size_of::<kvm_xsave>()) {
             // SAFETY: this VM's KVM_CAP_XSAVE2 is at most the size of struct kvm_xsave, so the
             // kernel reads no more than `legacy_xsave` holds.
