@@ -19,6 +19,15 @@ const RFLAGS_NAMES: [(u64, &str); 9] = [
 
 /// All general-purpose and special registers of one vCPU at one point, plus its events when
 /// they were read; [`fmt::Display`] prints them in a QEMU-like `info registers` layout.
+///
+/// ```
+/// use kvm_bindings::{kvm_regs, kvm_sregs};
+/// use sync_regs::RegisterDump;
+///
+/// let regs = kvm_regs { rip: 0xfff0, rflags: 0x2, ..Default::default() };
+/// let dump = RegisterDump::new(regs, kvm_sregs::default(), None);
+/// assert!(dump.to_string().contains("RIP=000000000000fff0"));
+/// ```
 #[derive(Clone, Copy)]
 pub struct RegisterDump {
     /// General-purpose registers, RIP and RFLAGS.

@@ -77,6 +77,15 @@ pub struct UnknownBits {
 ///
 /// It can only hold the bits of `KVM_SYNC_X86_VALID_FIELDS`: [`RegSet::from_bits`] refuses
 /// any other bit, so a mask that would make `KVM_RUN` fail with `EINVAL` cannot be built.
+///
+/// ```
+/// use sync_regs::{RegKind, RegSet};
+///
+/// let set = RegSet::REGS | RegSet::EVENTS;
+/// assert!(set.contains(RegKind::Events) && !set.contains(RegKind::Sregs));
+/// assert_eq!(set.to_string(), "regs|events");
+/// assert_eq!(set.iter().collect::<Vec<_>>(), [RegKind::Regs, RegKind::Events]);
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct RegSet(u8);
 
@@ -93,6 +102,19 @@ impl RegSet {
     pub const ALL: RegSet = RegSet(sys::KVM_SYNC_X86_VALID_FIELDS as u8);
 
     /// The set named by a raw `KVM_SYNC_X86_*` mask, refusing unknown bits.
+    ///
+    /// ```
+    /// use sync_regs::RegSet;
+    ///
+    /// assert_eq!(RegSet::from_bits(0x3)?, RegSet::REGS | RegSet::SREGS);
+    /// let bad = RegSet::from_bits(0x9).unwrap_err();
+    /// assert_eq!(bad.unknown, 0x8);
+    /// # Ok::<(), sync_regs::UnknownBits>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`UnknownBits`] when `bits` has a bit outside `KVM_SYNC_X86_VALID_FIELDS`.
     pub fn from_bits(bits: u64) -> Result<RegSet, UnknownBits> {
         let unknown = bits & !sys::KVM_SYNC_X86_VALID_FIELDS;
         if unknown != 0 {

@@ -180,6 +180,11 @@ impl Bus {
 
     /// Registers `device` for `[base, base + len)`. Refuses an empty range, one past the end
     /// of the address space, and one that overlaps a registered range.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRange`] for an empty range or one past the end of the space;
+    /// [`Error::Overlap`] naming the registered range it overlaps.
     pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<BusRange> {
         let range = BusRange { base, len };
         if len == 0 || range.end() > self.space.end() {

@@ -5,19 +5,10 @@ use std::fmt;
 
 use kvm_bindings::{kvm_run, KVM_EXIT_INTERNAL_ERROR};
 use kvm_ioctls::VcpuFd;
-use sync_regs::RegisterDump;
+use sync_regs::{RegisterCache, RegisterDump};
 
 use crate::dispatch::ExitStats;
 use crate::sys::KVM_INTERNAL_ERROR_MAX_DATA;
-
-/// Reads the registers and events of `fd` for a dump, with `KVM_GET_REGS`, `KVM_GET_SREGS`
-/// and `KVM_GET_VCPU_EVENTS`; the events are left out if only their ioctl fails.
-pub fn capture_registers(fd: &VcpuFd) -> Result<RegisterDump, kvm_ioctls::Error> {
-    let regs = fd.get_regs()?;
-    let sregs = fd.get_sregs()?;
-    let events = fd.get_vcpu_events().ok();
-    Ok(RegisterDump::new(regs, sregs, events))
-}
 
 /// A copy of `kvm_run.internal` from a `KVM_EXIT_INTERNAL_ERROR`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,20 +63,22 @@ impl fmt::Display for InternalErrorInfo {
     }
 }
 
-/// Everything known about a vCPU when it failed.
+/// Everything known about a vCPU when it failed or triple-faulted.
 #[derive(Debug)]
 pub struct Diagnostics {
-    /// The registers, or why they could not be read.
-    pub registers: Result<RegisterDump, kvm_ioctls::Error>,
+    /// The registers and events at the exit, or why they could not be read.
+    pub registers: Result<RegisterDump, sync_regs::Error>,
     /// The vCPU's exit counters up to the failure.
     pub stats: ExitStats,
 }
 
 impl Diagnostics {
-    /// Collects diagnostics from `fd`.
-    pub fn collect(fd: &VcpuFd, stats: ExitStats) -> Self {
+    /// Collects diagnostics at an exit, through the vCPU's register cache: the sets the
+    /// kernel copied into `kvm_run` at this exit are read from there, the others with
+    /// `KVM_GET_*` ioctls; the events are left out if only they cannot be read.
+    pub fn collect(registers: &mut RegisterCache, fd: &VcpuFd, stats: ExitStats) -> Self {
         Diagnostics {
-            registers: capture_registers(fd),
+            registers: registers.dump(fd),
             stats,
         }
     }
@@ -174,7 +167,9 @@ mod tests {
         };
         assert!(diag.to_string().contains("exits 0"));
         let diag = Diagnostics {
-            registers: Err(kvm_ioctls::Error::new(libc::EBADF)),
+            registers: Err(sync_regs::Error::GetMpState(kvm_ioctls::Error::new(
+                libc::EBADF,
+            ))),
             stats: ExitStats::default(),
         };
         assert!(diag.to_string().contains("registers unavailable"));

@@ -226,6 +226,77 @@ impl ExitOutcome {
     }
 }
 
+/// An owned record of one dispatched exit, for code that runs once the exit no longer borrows
+/// the vCPU (kvm-ioctls' `VcpuExit` borrows it mutably): port and MMIO accesses with their
+/// data — for reads, the data the bus answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitRecord {
+    /// A guest `in`.
+    PortRead {
+        /// The port.
+        port: u16,
+        /// The bytes returned to the guest.
+        data: Vec<u8>,
+    },
+    /// A guest `out`.
+    PortWrite {
+        /// The port.
+        port: u16,
+        /// The bytes the guest wrote.
+        data: Vec<u8>,
+    },
+    /// An MMIO read.
+    MmioRead {
+        /// The guest physical address.
+        addr: u64,
+        /// The bytes returned to the guest.
+        data: Vec<u8>,
+    },
+    /// An MMIO write.
+    MmioWrite {
+        /// The guest physical address.
+        addr: u64,
+        /// The bytes the guest wrote.
+        data: Vec<u8>,
+    },
+    /// Any other exit; the [`ExitOutcome`] says what it was.
+    Other,
+}
+
+impl ExitRecord {
+    /// Records `exit` (after [`dispatch`], so that read data is what the guest receives).
+    ///
+    /// ```
+    /// use kvm_ioctls::VcpuExit;
+    /// use vcpu_runner::ExitRecord;
+    ///
+    /// let record = ExitRecord::of(&VcpuExit::IoOut(0x3f8, b"A"));
+    /// assert_eq!(record, ExitRecord::PortWrite { port: 0x3f8, data: b"A".to_vec() });
+    /// assert_eq!(ExitRecord::of(&VcpuExit::Hlt), ExitRecord::Other);
+    /// ```
+    pub fn of(exit: &VcpuExit<'_>) -> Self {
+        match exit {
+            VcpuExit::IoIn(port, data) => ExitRecord::PortRead {
+                port: *port,
+                data: data.to_vec(),
+            },
+            VcpuExit::IoOut(port, data) => ExitRecord::PortWrite {
+                port: *port,
+                data: data.to_vec(),
+            },
+            VcpuExit::MmioRead(addr, data) => ExitRecord::MmioRead {
+                addr: *addr,
+                data: data.to_vec(),
+            },
+            VcpuExit::MmioWrite(addr, data) => ExitRecord::MmioWrite {
+                addr: *addr,
+                data: data.to_vec(),
+            },
+            _ => ExitRecord::Other,
+        }
+    }
+}
+
 /// Dispatches one exit: answers I/O, MMIO and MSR exits in place (filling `in` and MMIO read
 /// data, MSR read data and the MSR `error` flag in `kvm_run`) and classifies the rest.
 pub fn dispatch(

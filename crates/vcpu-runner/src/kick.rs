@@ -87,6 +87,10 @@ extern "C" fn on_kick(_signal: c_int, _info: *mut siginfo_t, _context: *mut c_vo
 ///
 /// Without a handler a stray kick signal would terminate the process (the default action of
 /// real-time signals).
+///
+/// # Errors
+///
+/// [`Error::RegisterHandler`] when `sigaction` fails.
 pub fn register_kick_handler() -> Result<()> {
     static REGISTERED: OnceLock<std::result::Result<(), i32>> = OnceLock::new();
     let signal = kick_signal();
@@ -151,6 +155,11 @@ fn run_mask(mask: &libc::sigset_t) -> KvmSignalMask {
 ///
 /// Must be called on the thread that will call `KVM_RUN` on `fd`, before the first kick can
 /// be sent to it.
+///
+/// # Errors
+///
+/// [`Error::RegisterHandler`], [`Error::SignalMask`] (`pthread_sigmask`) or
+/// [`Error::SetRunSignalMask`] (`KVM_SET_SIGNAL_MASK`).
 pub fn prepare_vcpu_thread(fd: &VcpuFd) -> Result<()> {
     register_kick_handler()?;
     let mask = block_kick_in_this_thread()?;
@@ -166,6 +175,10 @@ pub fn prepare_vcpu_thread(fd: &VcpuFd) -> Result<()> {
 
 /// Consumes every pending instance of the kick signal on the calling (vCPU) thread, so that
 /// the next `KVM_RUN` does not return `EINTR` for a kick already acted on.
+///
+/// # Errors
+///
+/// [`Error::ConsumeKick`] when `sigtimedwait` fails with anything but `EAGAIN`/`EINTR`.
 pub fn consume_pending_kicks() -> Result<()> {
     let kick = sigset_of(kick_signal());
     let zero = libc::timespec {

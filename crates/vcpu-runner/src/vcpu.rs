@@ -1,8 +1,11 @@
 //! One vCPU: its thread, its run loop with an explicit state, and typed commands.
 //!
-//! A [`Vcpu`] owns its `VcpuFd` (and with it the `kvm_run` mapping). [`Vcpu::spawn`] moves it
-//! onto a thread of its own, which is the only thread that ever calls `KVM_RUN` on it or
-//! touches `kvm_run`. Other threads hold a [`VcpuHandle`] and send [`Command`]s: pause,
+//! A [`Vcpu`] owns its `VcpuFd` (and with it the `kvm_run` mapping) and keeps a sync-regs
+//! [`RegisterCache`] beside it: the run loop stages pending register writes before each
+//! `KVM_RUN` and settles the cache after it, so that diagnostics, [`ExitHook`]s and
+//! [`Command::Run`] closures read registers from `kvm_run` where the host offers sync regs.
+//! [`Vcpu::spawn`] moves it onto a thread of its own, which is the only thread that ever
+//! calls `KVM_RUN` on it or touches `kvm_run`. Other threads hold a [`VcpuHandle`] and send [`Command`]s: pause,
 //! resume, stop, or a closure to run on the vCPU thread with access to the vCPU's registers.
 //! Commands that must interrupt a running guest are followed by a kick (see [`crate::kick`]).
 
@@ -15,10 +18,13 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_ioctls::VcpuFd;
+use sync_regs::{RegisterCache, Registers};
 
 use crate::bus::Buses;
 use crate::diagnostics::{Diagnostics, InternalErrorInfo};
-use crate::dispatch::{dispatch, ExitOutcome, ExitStats, MsrHandler, SystemEvent, UnhandledExit};
+use crate::dispatch::{
+    dispatch, ExitOutcome, ExitRecord, ExitStats, MsrHandler, SystemEvent, UnhandledExit,
+};
 use crate::kick::{self, KickTarget};
 
 /// How many times [`Command::Pause`] re-enters KVM with `immediate_exit` to finish an
@@ -46,6 +52,16 @@ pub enum Error {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// Staging register writes before `KVM_RUN`, settling the register cache after it, or an
+    /// [`ExitHook`]'s register access failed.
+    #[error("vCPU {vcpu}: register access around KVM_RUN failed")]
+    Registers {
+        /// The vCPU index.
+        vcpu: u32,
+        /// The cause.
+        #[source]
+        source: sync_regs::Error,
     },
     /// `KVM_RUN` failed with something other than `EINTR`/`EAGAIN`.
     #[error("KVM_RUN on vCPU {vcpu} failed")]
@@ -144,7 +160,8 @@ pub enum StopReason {
     Stopped,
     /// The guest executed `hlt` and there is no in-kernel irqchip to wake it.
     Halted,
-    /// A triple fault (`KVM_EXIT_SHUTDOWN`).
+    /// A triple fault (`KVM_EXIT_SHUTDOWN`); [`Vcpu::triple_fault_diagnostics`] has the
+    /// registers at the exit.
     TripleFault,
     /// A `KVM_EXIT_SYSTEM_EVENT`.
     SystemEvent(SystemEvent),
@@ -188,9 +205,16 @@ impl VcpuContext<'_> {
         self.vcpu.index
     }
 
-    /// The vCPU file descriptor, for register ioctls (`get_regs`, `set_sregs`, ...).
+    /// The vCPU file descriptor, for ioctls other than the register sets (register ioctls
+    /// through it bypass the register cache: use [`VcpuContext::registers`]).
     pub fn fd(&self) -> &VcpuFd {
         &self.vcpu.fd
+    }
+
+    /// The vCPU's registers through its cache: read from `kvm_run` where the last exit
+    /// copied them out, written back by the run loop's next `KVM_RUN`.
+    pub fn registers(&mut self) -> Registers<'_> {
+        self.vcpu.registers.with(&self.vcpu.fd)
     }
 
     /// The exit counters so far.
@@ -295,15 +319,38 @@ impl Shared {
     }
 }
 
-/// A vCPU: its file descriptor, the buses and MSR handler it dispatches to, and its counters.
+/// Code the run loop calls on the vCPU thread after every dispatched exit, with the exit and
+/// the registers at that exit together (read from `kvm_run` where the host offers sync regs;
+/// writes reach the vCPU at the next `KVM_RUN`).
+pub trait ExitHook: Send {
+    /// Called after `exit` was dispatched with `outcome`. Not called for an interrupted
+    /// `KVM_RUN` (`EINTR`, `EAGAIN`), which has no exit.
+    ///
+    /// # Errors
+    ///
+    /// A register access that failed; the run loop ends with [`Error::Registers`].
+    fn after_exit(
+        &mut self,
+        exit: &ExitRecord,
+        outcome: &ExitOutcome,
+        registers: &mut Registers<'_>,
+    ) -> sync_regs::Result<()>;
+}
+
+/// A vCPU: its file descriptor and register cache, the buses and MSR handler it dispatches
+/// to, and its counters.
 pub struct Vcpu {
     index: u32,
     fd: VcpuFd,
+    registers: RegisterCache,
     buses: Arc<Buses>,
     msr: Box<dyn MsrHandler>,
+    hook: Option<Box<dyn ExitHook>>,
     stats: ExitStats,
     /// The last exit left an instruction that KVM completes on the next `KVM_RUN`.
     in_flight: bool,
+    /// What the registers were at a triple fault, taken at the exit.
+    triple_fault: Option<Box<Diagnostics>>,
 }
 
 impl fmt::Debug for Vcpu {
@@ -319,15 +366,56 @@ impl fmt::Debug for Vcpu {
 impl Vcpu {
     /// A vCPU with index `index` (for messages and VM outcomes) that dispatches port I/O and
     /// MMIO to `buses` and user-space MSR exits to `msr`.
-    pub fn new(index: u32, fd: VcpuFd, buses: Arc<Buses>, msr: Box<dyn MsrHandler>) -> Self {
+    ///
+    /// `registers` is the vCPU's register cache (`RegisterCache::new(&vm, vm_type)`); writes
+    /// already pending in it (boot registers, say) reach the vCPU at its first `KVM_RUN`,
+    /// through `kvm_run` where the host offers sync regs. The run loop refuses them with
+    /// [`Error::Registers`] (`sync_regs::Error::NotRunnable`) if the vCPU is an application
+    /// processor still waiting for INIT/SIPI.
+    pub fn new(
+        index: u32,
+        fd: VcpuFd,
+        registers: RegisterCache,
+        buses: Arc<Buses>,
+        msr: Box<dyn MsrHandler>,
+    ) -> Self {
         Vcpu {
             index,
             fd,
+            registers,
             buses,
             msr,
+            hook: None,
             stats: ExitStats::default(),
             in_flight: false,
+            triple_fault: None,
         }
+    }
+
+    /// Installs `hook`, called after every dispatched exit with the registers at it.
+    #[must_use]
+    pub fn with_exit_hook(mut self, hook: Box<dyn ExitHook>) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// The registers through the vCPU's cache (before the vCPU is spawned, or after it was
+    /// joined).
+    pub fn registers(&mut self) -> Registers<'_> {
+        self.registers.with(&self.fd)
+    }
+
+    /// The registers and counters taken at the `KVM_EXIT_SHUTDOWN` that ended the run loop,
+    /// before anything else could touch the vCPU. On kvm-amd the kernel has already INITed
+    /// the vCPU when it reports the exit (`shutdown_interception` in arch/x86/kvm/svm/svm.c:
+    /// the VMCB is undefined after a shutdown intercept), so the dump shows the reset state
+    /// there.
+    pub fn triple_fault_diagnostics(&self) -> Option<&Diagnostics> {
+        self.triple_fault.as_deref()
+    }
+
+    pub(crate) fn take_triple_fault_diagnostics(&mut self) -> Option<Box<Diagnostics>> {
+        self.triple_fault.take()
     }
 
     /// The vCPU index.
@@ -347,6 +435,11 @@ impl Vcpu {
 
     /// Moves the vCPU onto a new thread named `vcpu<index>`, in state [`VcpuState::Created`]:
     /// the guest runs after [`VcpuHandle::resume`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SpawnThread`], [`Error::PrepareThread`] (the kick signal state), or
+    /// [`Error::ThreadPanicked`].
     pub fn spawn(self) -> Result<VcpuThread> {
         self.spawn_observed(None)
     }
@@ -489,28 +582,54 @@ impl Vcpu {
         Ok(None)
     }
 
-    /// `KVM_RUN` once and dispatches its exit; an interrupted run (`EINTR`, `EAGAIN`) is
-    /// [`ExitOutcome::Interrupted`]. Records whether the exit left an instruction in flight.
+    /// `KVM_RUN` once, through the register cache, and dispatches its exit; an interrupted
+    /// run (`EINTR`, `EAGAIN`) is [`ExitOutcome::Interrupted`]. Records whether the exit left
+    /// an instruction in flight, then gives the exit hook the exit and the registers.
     fn enter(&mut self) -> Result<ExitOutcome> {
-        match self.fd.run() {
-            Ok(mut exit) => {
-                self.in_flight = ExitOutcome::leaves_instruction_in_flight(&exit);
-                Ok(dispatch(
-                    &mut exit,
-                    &self.buses,
-                    &mut *self.msr,
-                    &mut self.stats,
-                ))
+        let (buses, msr, stats) = (&self.buses, &mut self.msr, &mut self.stats);
+        let record = self.hook.is_some();
+        let ran = self.registers.run(&mut self.fd, |mut exit| {
+            let in_flight = ExitOutcome::leaves_instruction_in_flight(&exit);
+            let outcome = dispatch(&mut exit, buses, &mut **msr, stats);
+            let record = record.then(|| ExitRecord::of(&exit));
+            (in_flight, outcome, record)
+        });
+        let index = self.index;
+        match ran {
+            Ok((in_flight, outcome, record)) => {
+                self.in_flight = in_flight;
+                if let (Some(hook), Some(record)) = (self.hook.as_mut(), record) {
+                    hook.after_exit(&record, &outcome, &mut self.registers.with(&self.fd))
+                        .map_err(|source| Error::Registers {
+                            vcpu: index,
+                            source,
+                        })?;
+                }
+                Ok(outcome)
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            Err(sync_regs::Error::Run(e))
+                if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN =>
+            {
                 self.in_flight = false;
                 Ok(ExitOutcome::Interrupted)
             }
-            Err(source) => Err(Error::Run {
-                vcpu: self.index,
+            Err(sync_regs::Error::Run(source)) => Err(Error::Run {
+                vcpu: index,
+                source,
+            }),
+            Err(source) => Err(Error::Registers {
+                vcpu: index,
                 source,
             }),
         }
+    }
+
+    fn diagnostics(&mut self) -> Box<Diagnostics> {
+        Box::new(Diagnostics::collect(
+            &mut self.registers,
+            &self.fd,
+            self.stats,
+        ))
     }
 
     /// One `KVM_RUN` and the dispatch of its exit.
@@ -558,7 +677,10 @@ impl Vcpu {
                 Ok(None)
             }
             ExitOutcome::Halted => Ok(Some(StopReason::Halted)),
-            ExitOutcome::TripleFault => Ok(Some(StopReason::TripleFault)),
+            ExitOutcome::TripleFault => {
+                self.triple_fault = Some(self.diagnostics());
+                Ok(Some(StopReason::TripleFault))
+            }
             ExitOutcome::SystemEvent(event) => Ok(Some(StopReason::SystemEvent(event))),
             ExitOutcome::FailEntry {
                 hardware_entry_failure_reason,
@@ -567,7 +689,7 @@ impl Vcpu {
                 vcpu: self.index,
                 hardware_entry_failure_reason,
                 cpu,
-                diagnostics: Box::new(Diagnostics::collect(&self.fd, self.stats)),
+                diagnostics: self.diagnostics(),
             }),
             ExitOutcome::InternalError => {
                 let info = InternalErrorInfo::from_run(self.fd.get_kvm_run()).unwrap_or(
@@ -579,13 +701,13 @@ impl Vcpu {
                 Err(Error::InternalError {
                     vcpu: self.index,
                     info,
-                    diagnostics: Box::new(Diagnostics::collect(&self.fd, self.stats)),
+                    diagnostics: self.diagnostics(),
                 })
             }
             ExitOutcome::Unhandled(exit) => Err(Error::UnhandledExit {
                 vcpu: self.index,
                 exit,
-                diagnostics: Box::new(Diagnostics::collect(&self.fd, self.stats)),
+                diagnostics: self.diagnostics(),
             }),
         }
     }
@@ -619,6 +741,10 @@ impl VcpuHandle {
     }
 
     /// Sends a command and kicks the vCPU so that a running guest sees it promptly.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Exited`] when the run loop has ended; [`Error::Kick`] when the signal fails.
     pub fn send(&self, command: Command) -> Result<()> {
         self.commands.send(command).map_err(|_| Error::Exited {
             vcpu: self.shared.index,
@@ -629,6 +755,11 @@ impl VcpuHandle {
 
     /// Pauses the vCPU and waits until it is paused (with any in-flight I/O instruction
     /// completed), up to `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Exited`] when the run loop ended instead; [`Error::Timeout`]; the errors of
+    /// [`VcpuHandle::send`].
     pub fn pause(&self, timeout: Duration) -> Result<()> {
         self.send(Command::Pause)?;
         match self.shared.wait_for("pause", timeout, |s| {
@@ -643,6 +774,10 @@ impl VcpuHandle {
     }
 
     /// Lets a created or paused vCPU run. Does not wait: a later command is handled after it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Exited`] when the run loop has ended.
     pub fn resume(&self) -> Result<()> {
         // A paused thread waits on the channel, so no kick is needed.
         self.commands
@@ -654,12 +789,21 @@ impl VcpuHandle {
     }
 
     /// Asks the run loop to end. Does not wait; see [`VcpuThread::join`].
+    ///
+    /// # Errors
+    ///
+    /// As [`VcpuHandle::send`].
     pub fn stop(&self) -> Result<()> {
         self.send(Command::Stop)
     }
 
     /// Runs `f` on the vCPU thread (interrupting a running guest) and returns its result,
     /// waiting up to `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] when `f` has not returned within `timeout`; [`Error::Exited`] when
+    /// the run loop ended before running it; the errors of [`VcpuHandle::send`].
     pub fn run_on_vcpu<R, F>(&self, f: F, timeout: Duration) -> Result<R>
     where
         R: Send + 'static,
@@ -683,6 +827,10 @@ impl VcpuHandle {
     }
 
     /// Waits until the run loop has ended on its own (or by a command), up to `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`].
     pub fn wait_exited(&self, timeout: Duration) -> Result<StopReason> {
         match self
             .shared
@@ -724,6 +872,10 @@ impl VcpuThread {
     /// the vCPU (for reuse) and why its loop ended, or the error it ended with.
     ///
     /// On timeout the thread is left to finish on its own (detached) and an error is returned.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`]; the error the run loop ended with; [`Error::ThreadPanicked`].
     pub fn join(mut self, timeout: Duration) -> Result<(Vcpu, StopReason)> {
         let index = self.handle.index();
         if !matches!(self.handle.state(), VcpuState::Exited(_)) {

@@ -10,6 +10,7 @@ use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::diagnostics::Diagnostics;
 use crate::dispatch::SystemEvent;
 use crate::vcpu::{self, StopReason, Vcpu, VcpuHandle, VcpuThread};
 
@@ -83,6 +84,10 @@ pub enum VmOutcome {
     TripleFault {
         /// The vCPU.
         vcpu: u32,
+        /// Its registers and counters, taken at the exit (see
+        /// [`Vcpu::triple_fault_diagnostics`]); `None` only if its thread could not be
+        /// joined.
+        diagnostics: Option<Box<Diagnostics>>,
     },
     /// Every vCPU halted with nothing to wake it.
     Halted,
@@ -106,7 +111,13 @@ impl fmt::Display for VmOutcome {
             VmOutcome::OtherEvent { vcpu, kind, data } => {
                 write!(f, "system event {kind} (vCPU {vcpu}, {data:x?})")
             }
-            VmOutcome::TripleFault { vcpu } => write!(f, "triple fault (vCPU {vcpu})"),
+            VmOutcome::TripleFault { vcpu, diagnostics } => {
+                write!(f, "triple fault (vCPU {vcpu})")?;
+                match diagnostics {
+                    Some(d) => write!(f, "\n{d}"),
+                    None => Ok(()),
+                }
+            }
             VmOutcome::Halted => f.write_str("all vCPUs halted"),
             VmOutcome::Stopped => f.write_str("stopped by the VMM"),
             VmOutcome::Error { vcpu, error } => write!(f, "vCPU {vcpu} failed: {error}"),
@@ -203,6 +214,10 @@ impl fmt::Debug for VmRunner {
 impl VmRunner {
     /// Spawns one thread per vCPU, all in the created state. On error the vCPUs spawned so far
     /// are stopped and detached.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoVcpus`] for an empty list; [`Error::Spawn`] naming the vCPU that failed.
     pub fn spawn(vcpus: Vec<Vcpu>) -> Result<Self> {
         if vcpus.is_empty() {
             return Err(Error::NoVcpus);
@@ -233,6 +248,10 @@ impl VmRunner {
     }
 
     /// Lets every vCPU run.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Start`] naming a vCPU whose thread had already ended.
     pub fn start(&self) -> Result<()> {
         for thread in &self.threads {
             let handle = thread.handle();
@@ -265,6 +284,10 @@ impl VmRunner {
     /// outcome. If no guest event happened first the outcome is [`VmOutcome::Stopped`].
     ///
     /// Errors of vCPUs other than the one that decided the outcome are logged.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::JoinTimeout`] naming the vCPUs that did not stop in time (they are detached).
     pub fn shutdown(mut self, timeout: Duration) -> Result<VmOutcome> {
         let deadline = Instant::now() + timeout;
         {
@@ -298,11 +321,16 @@ impl VmRunner {
         }
         let first = self.shared.lock().first.clone();
         let mut failure = None;
+        let mut triple_fault = None;
         for thread in self.threads.drain(..) {
             let index = thread.handle().index();
             let remaining = deadline.saturating_duration_since(Instant::now());
             match thread.join(remaining.max(Duration::from_millis(1))) {
-                Ok(_) => {}
+                Ok((mut vcpu, _)) => {
+                    if first == Some(FirstEvent::Vcpu(index, StopReason::TripleFault)) {
+                        triple_fault = vcpu.take_triple_fault_diagnostics();
+                    }
+                }
                 Err(error) => {
                     if first == Some(FirstEvent::Vcpu(index, StopReason::Failed)) {
                         failure = Some(VmOutcome::Error { vcpu: index, error });
@@ -314,7 +342,10 @@ impl VmRunner {
         }
         Ok(match first {
             Some(FirstEvent::Vcpu(vcpu, reason)) => match reason {
-                StopReason::TripleFault => VmOutcome::TripleFault { vcpu },
+                StopReason::TripleFault => VmOutcome::TripleFault {
+                    vcpu,
+                    diagnostics: triple_fault,
+                },
                 StopReason::SystemEvent(SystemEvent::Shutdown) => VmOutcome::Shutdown { vcpu },
                 StopReason::SystemEvent(SystemEvent::Reset) => VmOutcome::Reset { vcpu },
                 StopReason::SystemEvent(SystemEvent::Crash { data }) => {
@@ -391,7 +422,11 @@ mod tests {
         assert_eq!(VmOutcome::Halted.to_string(), "all vCPUs halted");
         assert_eq!(VmOutcome::Stopped.to_string(), "stopped by the VMM");
         assert_eq!(
-            VmOutcome::TripleFault { vcpu: 1 }.to_string(),
+            VmOutcome::TripleFault {
+                vcpu: 1,
+                diagnostics: None
+            }
+            .to_string(),
             "triple fault (vCPU 1)"
         );
         assert_eq!(

@@ -8,10 +8,14 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use kvm_test_support::guest::{TinyGuest, CODE_ADDR};
 use kvm_test_support::{ensure, harness, KvmTest, Requirement, TestError, TestResult};
+use sync_regs::RegisterCache;
+use sync_regs::Registers;
 use vcpu_runner::{
-    BusDevice, Buses, Command, MsrHandler, NoMsrs, StopReason, Vcpu, VcpuState, VmOutcome, VmRunner,
+    BusDevice, Buses, Command, ExitHook, ExitOutcome, ExitRecord, MsrHandler, NoMsrs, StopReason,
+    Vcpu, VcpuState, VmOutcome, VmRunner,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_types::VmType;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -49,6 +53,11 @@ fn latch(value: u64) -> Arc<Mutex<Latch>> {
 
 fn writes(dev: &Arc<Mutex<Latch>>) -> Vec<(u64, Vec<u8>)> {
     dev.lock().unwrap().writes.clone()
+}
+
+/// A register cache for a vCPU of `vm`.
+fn cache(vm: &kvm_ioctls::VmFd) -> RegisterCache {
+    RegisterCache::new(vm, VmType::Default)
 }
 
 /// A long-mode guest split into the parts the runner needs.
@@ -98,7 +107,13 @@ fn pio_round_trip(kvm: &Kvm) -> TestResult {
     let mut buses = Buses::new();
     buses.pio.insert(0x60, 4, source.clone())?;
     buses.pio.insert(0x64, 8, sink.clone())?;
-    let vcpu = Vcpu::new(0, rig.vcpu0, Arc::new(buses), Box::new(NoMsrs));
+    let vcpu = Vcpu::new(
+        0,
+        rig.vcpu0,
+        cache(&rig.vm),
+        Arc::new(buses),
+        Box::new(NoMsrs),
+    );
     let outcome = run_single(vcpu)?;
     ensure!(matches!(outcome, VmOutcome::Halted), "outcome {outcome}");
     ensure!(
@@ -122,7 +137,7 @@ fn mmio_round_trip(kvm: &Kvm) -> TestResult {
     let mut buses = Buses::new();
     buses.mmio.insert(MMIO, 0x10, dev.clone())?;
     let buses = Arc::new(buses);
-    let thread = Vcpu::new(0, rig.vcpu0, buses, Box::new(NoMsrs)).spawn()?;
+    let thread = Vcpu::new(0, rig.vcpu0, cache(&rig.vm), buses, Box::new(NoMsrs)).spawn()?;
     thread.handle().resume()?;
     let reason = thread.handle().wait_exited(WAIT)?;
     ensure!(reason == StopReason::Halted, "stopped with {reason:?}");
@@ -142,7 +157,14 @@ fn mmio_round_trip(kvm: &Kvm) -> TestResult {
 
 fn hlt(kvm: &Kvm) -> TestResult {
     let rig = rig(kvm, &[0xf4])?;
-    let thread = Vcpu::new(0, rig.vcpu0, Arc::new(Buses::new()), Box::new(NoMsrs)).spawn()?;
+    let thread = Vcpu::new(
+        0,
+        rig.vcpu0,
+        cache(&rig.vm),
+        Arc::new(Buses::new()),
+        Box::new(NoMsrs),
+    )
+    .spawn()?;
     ensure!(
         thread.handle().state() == VcpuState::Created,
         "state {}",
@@ -165,12 +187,102 @@ fn triple_fault(kvm: &Kvm) -> TestResult {
     let mut sregs = rig.vcpu0.get_sregs()?;
     sregs.idt.limit = 0;
     rig.vcpu0.set_sregs(&sregs)?;
-    let vcpu = Vcpu::new(0, rig.vcpu0, Arc::new(Buses::new()), Box::new(NoMsrs));
-    let outcome = run_single(vcpu)?;
-    ensure!(
-        matches!(outcome, VmOutcome::TripleFault { vcpu: 0 }),
-        "outcome {outcome}"
+    let vcpu = Vcpu::new(
+        0,
+        rig.vcpu0,
+        cache(&rig.vm),
+        Arc::new(Buses::new()),
+        Box::new(NoMsrs),
     );
+    let outcome = run_single(vcpu)?;
+    let VmOutcome::TripleFault {
+        vcpu: 0,
+        diagnostics: Some(diagnostics),
+    } = &outcome
+    else {
+        return Err(TestError::fail(format!("outcome {outcome}")));
+    };
+    let dump = diagnostics
+        .registers
+        .as_ref()
+        .map_err(|e| TestError::fail(format!("no register dump: {e}")))?;
+    let (rip, cs) = (dump.regs.rip, dump.sregs.cs.selector);
+    if harness::vendor_module() == Some("kvm_amd") {
+        // shutdown_interception() (arch/x86/kvm/svm/svm.c) INITs the vCPU before the exit.
+        ensure!(
+            rip == 0xfff0 && cs == 0xf000,
+            "kvm_amd: expected the INIT state at the dump, got CS {cs:#x} RIP {rip:#x}"
+        );
+    } else {
+        ensure!(
+            rip == CODE_ADDR && dump.sregs.idt.limit == 0,
+            "dump not at the faulting ud2: CS {cs:#x} RIP {rip:#x}\n{dump}"
+        );
+    }
+    ensure!(
+        outcome.to_string().contains("RIP="),
+        "outcome text lacks the dump: {outcome}"
+    );
+    Ok(())
+}
+
+/// Reads RAX and RIP at each port write and writes RAX + 1 back, through the exit hook.
+struct Incrementer {
+    seen: Arc<Mutex<Vec<(u8, u64)>>>,
+}
+
+impl ExitHook for Incrementer {
+    fn after_exit(
+        &mut self,
+        exit: &ExitRecord,
+        _outcome: &ExitOutcome,
+        registers: &mut Registers<'_>,
+    ) -> sync_regs::Result<()> {
+        if let ExitRecord::PortWrite { port: 0x80, data } = exit {
+            let regs = registers.regs_mut()?;
+            self.seen.lock().unwrap().push((data[0], regs.rip));
+            regs.rax += 1;
+        }
+        Ok(())
+    }
+}
+
+/// An exit hook gets each exit and the registers together: it increments RAX at every
+/// `out`, and the guest, which loops until AL is 5, writes 0 to 4 and halts. A write the run
+/// loop lost or applied late would repeat a value or never reach 5.
+fn exit_hook_reads_and_writes_registers(kvm: &Kvm) -> TestResult {
+    let code = [
+        0xe6, 0x80, // 0: out 0x80, al
+        0x3c, 0x05, // 2: cmp al, 5
+        0x75, 0xfa, // 4: jne 0
+        0xf4, // 6: hlt
+    ];
+    let rig = rig(kvm, &code)?;
+    let sink = latch(0);
+    let mut buses = Buses::new();
+    buses.pio.insert(0x80, 1, sink.clone())?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let hook = Box::new(Incrementer { seen: seen.clone() });
+    let vcpu = Vcpu::new(
+        0,
+        rig.vcpu0,
+        cache(&rig.vm),
+        Arc::new(buses),
+        Box::new(NoMsrs),
+    )
+    .with_exit_hook(hook);
+    let outcome = run_single(vcpu)?;
+    ensure!(matches!(outcome, VmOutcome::Halted), "outcome {outcome}");
+    let values: Vec<u8> = writes(&sink).into_iter().map(|(_, d)| d[0]).collect();
+    ensure!(values == [0, 1, 2, 3, 4], "guest wrote {values:?}");
+    let seen = seen.lock().unwrap().clone();
+    ensure!(seen.len() == 5, "hook saw {seen:?}");
+    for (value, rip) in seen {
+        ensure!(
+            rip == CODE_ADDR || rip == CODE_ADDR + 2,
+            "RIP {rip:#x} at the out of {value}"
+        );
+    }
     Ok(())
 }
 
@@ -194,7 +306,7 @@ fn msr_exits_reach_feature_control(kvm: &Kvm) -> TestResult {
     let mut buses = Buses::new();
     buses.pio.insert(0x80, 1, port.clone())?;
     let handler: Box<dyn MsrHandler> = Box::new(featctl);
-    let vcpu = Vcpu::new(0, rig.vcpu0, Arc::new(buses), handler);
+    let vcpu = Vcpu::new(0, rig.vcpu0, cache(&rig.vm), Arc::new(buses), handler);
     let outcome = run_single(vcpu)?;
     ensure!(matches!(outcome, VmOutcome::Halted), "outcome {outcome}");
     ensure!(
@@ -218,7 +330,14 @@ fn pause_resume_10000_times(kvm: &Kvm) -> TestResult {
         0xeb, 0xf6, // jmp back to the inc
     ];
     let rig = rig(kvm, &code)?;
-    let thread = Vcpu::new(0, rig.vcpu0, Arc::new(Buses::new()), Box::new(NoMsrs)).spawn()?;
+    let thread = Vcpu::new(
+        0,
+        rig.vcpu0,
+        cache(&rig.vm),
+        Arc::new(Buses::new()),
+        Box::new(NoMsrs),
+    )
+    .spawn()?;
     let handle = thread.handle().clone();
     let start = Instant::now();
     handle.resume()?;
@@ -281,7 +400,14 @@ fn pause_completes_in_flight_port_io(kvm: &Kvm) -> TestResult {
     let rig = rig(kvm, &code)?;
     let mut buses = Buses::new();
     buses.pio.insert(0x81, 1, latch(0x77))?;
-    let thread = Vcpu::new(0, rig.vcpu0, Arc::new(buses), Box::new(NoMsrs)).spawn()?;
+    let thread = Vcpu::new(
+        0,
+        rig.vcpu0,
+        cache(&rig.vm),
+        Arc::new(buses),
+        Box::new(NoMsrs),
+    )
+    .spawn()?;
     let handle = thread.handle().clone();
     handle.resume()?;
     let (mut at_in, mut elsewhere) = (0u32, 0u32);
@@ -289,8 +415,8 @@ fn pause_completes_in_flight_port_io(kvm: &Kvm) -> TestResult {
         handle.pause(Duration::from_secs(5))?;
         let (rip, reads) = handle.run_on_vcpu(
             |ctx| {
-                let regs = ctx.fd().get_regs();
-                (regs.map(|r| (r.rip, r.rax as u8)), ctx.stats().pio_reads)
+                let regs = ctx.registers().regs().map(|r| (r.rip, r.rax as u8));
+                (regs, ctx.stats().pio_reads)
             },
             WAIT,
         )?;
@@ -354,9 +480,21 @@ fn four_vcpus_each_write_their_port(kvm: &Kvm) -> TestResult {
             0x8000 - 0x800 * u64::from(i),
         )?);
     }
-    let mut vcpus = vec![Vcpu::new(0, rig.vcpu0, buses.clone(), Box::new(NoMsrs))];
+    let mut vcpus = vec![Vcpu::new(
+        0,
+        rig.vcpu0,
+        cache(&rig.vm),
+        buses.clone(),
+        Box::new(NoMsrs),
+    )];
     for (i, fd) in fds.into_iter().enumerate() {
-        vcpus.push(Vcpu::new(i as u32 + 1, fd, buses.clone(), Box::new(NoMsrs)));
+        vcpus.push(Vcpu::new(
+            i as u32 + 1,
+            fd,
+            cache(&rig.vm),
+            buses.clone(),
+            Box::new(NoMsrs),
+        ));
     }
     let runner = VmRunner::spawn(vcpus)?;
     ensure!(runner.handles().len() == 4, "{runner:?}");
@@ -396,8 +534,14 @@ fn one_vcpu_error_stops_the_vm(kvm: &Kvm) -> TestResult {
     }
     let buses = Arc::new(Buses::new());
     let runner = VmRunner::spawn(vec![
-        Vcpu::new(0, rig.vcpu0, buses.clone(), Box::new(NoMsrs)),
-        Vcpu::new(1, stepper, buses, Box::new(NoMsrs)),
+        Vcpu::new(
+            0,
+            rig.vcpu0,
+            cache(&rig.vm),
+            buses.clone(),
+            Box::new(NoMsrs),
+        ),
+        Vcpu::new(1, stepper, cache(&rig.vm), buses, Box::new(NoMsrs)),
     ])?;
     runner.start()?;
     ensure!(runner.wait(WAIT), "no outcome within {WAIT:?}");
@@ -423,6 +567,7 @@ fn shutdown_and_drop_of_a_running_vm(kvm: &Kvm) -> TestResult {
     let runner = VmRunner::spawn(vec![Vcpu::new(
         0,
         first.vcpu0,
+        cache(&first.vm),
         Arc::new(Buses::new()),
         Box::new(NoMsrs),
     )])?;
@@ -440,6 +585,7 @@ fn shutdown_and_drop_of_a_running_vm(kvm: &Kvm) -> TestResult {
         let runner = VmRunner::spawn(vec![Vcpu::new(
             0,
             second.vcpu0,
+            cache(&second.vm),
             Arc::new(Buses::new()),
             Box::new(NoMsrs),
         )])?;
@@ -474,7 +620,13 @@ fn internal_error_is_reported_with_diagnostics(kvm: &Kvm) -> TestResult {
         0xff, 0xe0, // jmp rax
     ];
     let rig = rig(kvm, &code)?;
-    let vcpu = Vcpu::new(0, rig.vcpu0, Arc::new(Buses::new()), Box::new(NoMsrs));
+    let vcpu = Vcpu::new(
+        0,
+        rig.vcpu0,
+        cache(&rig.vm),
+        Arc::new(Buses::new()),
+        Box::new(NoMsrs),
+    );
     let outcome = run_single(vcpu)?;
     let VmOutcome::Error { vcpu: 0, error } = outcome else {
         return Err(TestError::fail(format!("outcome {outcome}")));
@@ -497,7 +649,14 @@ fn internal_error_is_reported_with_diagnostics(kvm: &Kvm) -> TestResult {
 fn bounded_waits_time_out(kvm: &Kvm) -> TestResult {
     let busy = || Command::Run(Box::new(|_| std::thread::sleep(Duration::from_millis(300))));
     let first = rig(kvm, &[0xeb, 0xfe])?; // jmp $
-    let thread = Vcpu::new(0, first.vcpu0, Arc::new(Buses::new()), Box::new(NoMsrs)).spawn()?;
+    let thread = Vcpu::new(
+        0,
+        first.vcpu0,
+        cache(&first.vm),
+        Arc::new(Buses::new()),
+        Box::new(NoMsrs),
+    )
+    .spawn()?;
     let handle = thread.handle().clone();
     ensure!(format!("{thread:?}").contains("VcpuThread"), "{thread:?}");
     handle.resume()?;
@@ -522,6 +681,7 @@ fn bounded_waits_time_out(kvm: &Kvm) -> TestResult {
     let runner = VmRunner::spawn(vec![Vcpu::new(
         0,
         second.vcpu0,
+        cache(&second.vm),
         Arc::new(Buses::new()),
         Box::new(NoMsrs),
     )])?;
@@ -551,6 +711,10 @@ fn main() {
         KvmTest::new("mmio_round_trip", mmio_round_trip),
         KvmTest::new("hlt", hlt),
         KvmTest::new("triple_fault", triple_fault),
+        KvmTest::new(
+            "exit_hook_reads_and_writes_registers",
+            exit_hook_reads_and_writes_registers,
+        ),
         msr_caps(KvmTest::new(
             "msr_exits_reach_feature_control",
             msr_exits_reach_feature_control,

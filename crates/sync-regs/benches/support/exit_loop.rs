@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::kvm_regs;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use kvm_test_support::guest::TinyGuest;
-use sync_regs::{RegSet, VcpuRegisters};
+use sync_regs::{RegSet, RegisterCache};
 use vm_memory::GuestMemoryMmap;
 use vm_types::VmType;
 
@@ -32,7 +32,7 @@ pub enum Variant {
     RegsSregsIoctls,
     /// (b'') KVM_GET/SET_REGS + KVM_GET_SREGS per exit (sregs read, not written).
     RegsIoctlsSregsRead,
-    /// (c) sync regs through `VcpuRegisters`, regs and sregs copied out on every exit,
+    /// (c) sync regs through a `RegisterCache`, regs and sregs copied out on every exit,
     /// RIP/RAX/CS read from the copy, RAX written back through kvm_dirty_regs.
     SyncRegsAndSregs,
     /// (c_regs) the same with only regs copied out, and CS not read.
@@ -67,7 +67,7 @@ type Res<T> = Result<T, Box<dyn Error>>;
 
 enum Access {
     Raw(VcpuFd),
-    Sync(Box<VcpuRegisters>),
+    Sync(VcpuFd, Box<RegisterCache>),
 }
 
 /// A guest in its exit loop, handled in one [`Variant`].
@@ -103,14 +103,14 @@ impl ExitLoop {
             | Variant::RegsSregsIoctls
             | Variant::RegsIoctlsSregsRead => Access::Raw(vcpu),
             Variant::SyncRegsAndSregs | Variant::SyncRegsOnly => {
-                let mut regs = VcpuRegisters::new(&vm, vcpu, VmType::Default);
+                let mut regs = RegisterCache::new(&vm, VmType::Default);
                 let selection = if variant == Variant::SyncRegsAndSregs {
                     RegSet::REGS | RegSet::SREGS
                 } else {
                     RegSet::REGS
                 };
                 regs.set_selection(selection)?;
-                Access::Sync(Box::new(regs))
+                Access::Sync(vcpu, Box::new(regs))
             }
         };
         let mut exit_loop = ExitLoop {
@@ -159,13 +159,13 @@ impl ExitLoop {
                 vcpu.set_regs(&regs)?;
                 check_out(vcpu.run()?, Some(self.expect))
             }
-            (Access::Sync(regs), variant) => {
+            (Access::Sync(vcpu, regs), variant) => {
                 if variant == Variant::SyncRegsAndSregs {
-                    std::hint::black_box(regs.sregs()?.cs.l);
+                    std::hint::black_box(regs.sregs(vcpu)?.cs.l);
                 }
-                Self::bump(regs.regs_mut()?, &mut self.expect);
+                Self::bump(regs.regs_mut(vcpu)?, &mut self.expect);
                 let expect = self.expect;
-                check_out(regs.run()?, Some(expect))
+                regs.run(vcpu, |exit| check_out(exit, Some(expect)))?
             }
             (Access::Raw(_), _) => Err(format!("variant {:?} on a raw vCPU", self.variant).into()),
         }

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VcpuExit};
 use kvm_test_support::guest::{TinyGuest, CODE_ADDR, STACK_TOP};
+use sync_regs::RegisterCache;
 use vcpu_runner::{BusDevice, Buses, NoMsrs, StopReason, Vcpu};
+use vm_types::VmType;
 
 /// Port writes per batch.
 pub const EXITS: u32 = 5_000;
@@ -94,6 +96,7 @@ impl RunnerLoop {
     pub fn new(kvm: &Kvm) -> Self {
         let TinyGuest { vm, vcpu, mem, .. } =
             TinyGuest::long_mode(kvm, &code()).expect("tiny guest");
+        let registers = RegisterCache::new(&vm, VmType::Default);
         let mut buses = Buses::new();
         buses
             .pio
@@ -101,14 +104,24 @@ impl RunnerLoop {
             .expect("bus insert");
         RunnerLoop {
             _guest_memory: TinyGuestParts { _vm: vm, _mem: mem },
-            vcpu: Some(Vcpu::new(0, vcpu, Arc::new(buses), Box::new(NoMsrs))),
+            vcpu: Some(Vcpu::new(
+                0,
+                vcpu,
+                registers,
+                Arc::new(buses),
+                Box::new(NoMsrs),
+            )),
         }
     }
 
     /// Runs one batch on a vCPU thread and returns its wall time, from resume to halt.
     pub fn batch(&mut self) -> Duration {
-        let vcpu = self.vcpu.take().expect("vCPU present between batches");
-        rewind(vcpu.fd());
+        let mut vcpu = self.vcpu.take().expect("vCPU present between batches");
+        let mut registers = vcpu.registers();
+        let regs = registers.regs_mut().expect("registers");
+        regs.rip = CODE_ADDR;
+        regs.rsp = STACK_TOP;
+        regs.rflags = 0x2;
         let before = vcpu.stats().pio_writes;
         let thread = vcpu.spawn().expect("spawn");
         let start = Instant::now();
