@@ -29,6 +29,15 @@ use crate::vm_type::LinuxVersion;
 use crate::VmType;
 
 /// One of KVM's checks that refuse vCPU ioctls on protected VMs with `EINVAL`.
+///
+/// ```
+/// use vm_types::{KernelRule, VcpuOp};
+///
+/// assert_eq!(VcpuOp::SetGuestDebug.rule(), Some(KernelRule::GuestDebugProtected));
+/// assert_eq!(VcpuOp::GetVcpuEvents.rule(), None);
+/// assert!(KernelRule::MsrPassthrough.kernel_function().starts_with("sev_es_prevent_msr_access()"));
+/// assert_eq!(KernelRule::ApicProtected.modelled_release().to_string(), "6.16");
+/// ```
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelRule {
@@ -376,6 +385,15 @@ pub enum LaunchPhase {
 
 /// Per-VM choices, made before the first vCPU exists, that change what KVM protects, and the
 /// guest CPUID facts that decide which MSRs an SEV-ES/SNP vCPU passes through.
+///
+/// ```
+/// use vm_types::{GuestStateGuard, ProtectionConfig, VcpuOp, VmType};
+///
+/// let secure_tsc = ProtectionConfig { snp_secure_tsc: true, ..ProtectionConfig::DEFAULT };
+/// let guard = GuestStateGuard::launched(VmType::Snp);
+/// assert!(guard.check(VcpuOp::SetTscKhz).is_ok());
+/// assert!(guard.with_config(secure_tsc).check(VcpuOp::SetTscKhz).is_err());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ProtectionConfig {
     /// TDX: the TD has the DEBUG attribute (`TDX_TD_ATTR_DEBUG` in `KVM_TDX_INIT_VM`'s
@@ -593,6 +611,19 @@ pub const fn sev_es_passthrough_msr(index: u32, config: ProtectionConfig) -> boo
 /// A guard is a value: VM type, [`ProtectionConfig`] and [`LaunchPhase`]. The VM handle
 /// [`crate::TypedVm`] keeps the phase for all its vCPUs and hands each guarded vCPU a guard for
 /// the current phase on every call.
+///
+/// ```
+/// use vm_types::{GuestStateError, GuestStateGuard, VcpuOp, VmType};
+///
+/// let mut guard = GuestStateGuard::before_launch(VmType::SevEs);
+/// assert!(guard.check_msr(VcpuOp::SetMsrs, 0xc000_0080).is_ok()); // EFER, before launch
+/// guard.mark_launched();
+/// assert!(matches!(
+///     guard.check_msr(VcpuOp::SetMsrs, 0xc000_0080),
+///     Err(GuestStateError::MsrProtected { index: 0xc000_0080, .. })
+/// ));
+/// assert!(guard.check_msr(VcpuOp::SetMsrs, 0x10).is_ok()); // IA32_TSC stays intercepted
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GuestStateGuard {
     vm_type: VmType,

@@ -21,6 +21,15 @@ use crate::VmType;
 ///
 /// The set keeps the raw bitmask, so types newer than this crate survive: [`VmTypeSet::iter`]
 /// yields the known ones, [`VmTypeSet::unknown_types`] the raw numbers of the others.
+///
+/// ```
+/// use vm_types::{VmType, VmTypeSet};
+///
+/// let set = VmTypeSet::from_capability(0b10_0001); // DEFAULT and TDX
+/// assert!(set.contains(VmType::Tdx) && !set.contains(VmType::SevEs));
+/// assert_eq!(set.to_string(), "DEFAULT, TDX");
+/// assert_eq!(VmTypeSet::from_capability(0), VmTypeSet::default_only());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct VmTypeSet {
     mask: u32,

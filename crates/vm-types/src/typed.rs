@@ -20,6 +20,15 @@ use crate::VmType;
 /// Whether a VM has passed its launch step, shared between a [`TypedVm`] and its vCPUs.
 ///
 /// Clones share the state. The launch is one-way: there is no way back, as in KVM.
+///
+/// ```
+/// use vm_types::{LaunchPhase, LaunchState};
+///
+/// let vm_side = LaunchState::before_launch();
+/// let vcpu_side = vm_side.clone();
+/// vm_side.mark_launched();
+/// assert_eq!(vcpu_side.phase(), LaunchPhase::Launched);
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct LaunchState(Arc<AtomicBool>);
 

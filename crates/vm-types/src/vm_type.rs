@@ -55,6 +55,18 @@ impl fmt::Display for LinuxVersion {
 
 /// An x86 KVM VM type, the argument of `KVM_CREATE_VM`
 /// (arch/x86/include/uapi/asm/kvm.h, values in [`crate::sys`]).
+///
+/// ```
+/// use vm_types::{LaunchFlow, VmType};
+///
+/// let ty = VmType::try_from(4u64)?;
+/// assert_eq!(ty, VmType::Snp);
+/// assert!(ty.has_protected_state() && ty.has_private_memory() && !ty.allows_sync_regs());
+/// assert_eq!(ty.launch_flow(), Some(LaunchFlow::Snp));
+/// assert_eq!(ty.introduced_in().to_string(), "6.11");
+/// assert!(VmType::try_from(6u64).is_err());
+/// # Ok::<(), vm_types::UnknownVmType>(())
+/// ```
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u32)]
