@@ -67,7 +67,7 @@ pub struct ProbeReport {
     pub xsave2_size: i32,
     /// The largest standard-format XSAVE size from KVM's CPUID leaf 0xD.
     pub xsave_max_standard_size: Option<u32>,
-    /// msr-featctl's verdict for IA32_FEATURE_CONTROL, as its report prints it.
+    /// The IA32_FEATURE_CONTROL mode msr-featctl chooses (native or emulated) and why.
     pub feature_control: String,
     /// `KVM_CAP_X86_USER_SPACE_MSR`.
     pub user_space_msr: bool,
@@ -151,10 +151,10 @@ pub fn probe() -> Result<ProbeReport> {
         xstate_guest_permitted: permitted.map(|s| s.bits()),
         xsave2_size,
         xsave_max_standard_size: layout.map(|l| l.max_standard_size()),
-        feature_control: feat.automatic.as_ref().map_or_else(
-            |cap| format!("unavailable (missing {cap:?})"),
-            |r| r.to_string(),
-        ),
+        feature_control: feat
+            .automatic
+            .as_ref()
+            .map_or_else(|why| format!("unavailable: {why}"), |r| r.to_string()),
         user_space_msr: feat.user_space_msr,
         msr_filter: feat.msr_filter,
         text,

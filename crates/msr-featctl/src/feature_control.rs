@@ -1,20 +1,33 @@
 //! The IA32_FEATURE_CONTROL value and KVM's rules for writing it.
 //!
 //! The rules are those of KVM's VMX code (`arch/x86/kvm/vmx/vmx.c`,
-//! `is_vmx_feature_control_msr_valid` and `vmx_vcpu_after_set_cpuid`), as of Linux 6.0:
+//! `is_vmx_feature_control_msr_valid` and `vmx_vcpu_after_set_cpuid`):
 //!
-//! * a **host-initiated** write (`KVM_SET_MSRS`) may set any bit of
+//! * a **host-initiated** write (`KVM_SET_MSRS`) may, since Linux 6.0, set any bit of
 //!   [`FeatureControl::SUPPORTED`], whatever the guest CPUID says and even when
-//!   [`FeatureControl::LOCKED`] is already set;
+//!   [`FeatureControl::LOCKED`] is already set. Before 6.0 it was held to the guest-valid
+//!   bits, like a guest write (see [`crate::native`] for what that means for a VMM);
 //! * a **guest** write (`WRMSR`) takes #GP once `LOCKED` is set, and otherwise may set only
 //!   the bits valid for the guest's CPUID and MCG_CAP ([`GuestCpuidFeatures::valid_bits`]).
 //!
-//! Before 6.0 a host write was held to the guest-valid bits too; this crate implements the
-//! 6.0 rules, which are the ones a VMM migrating state between vCPUs needs.
+//! The guest-valid bits follow what KVM really exposes, not what the VMM asked for:
+//! [`GuestCpuidFeatures::exposed`] intersects the guest CPUID with [`KvmSupport`].
+//!
+//! ```
+//! use msr_featctl::{FeatureControl, GuestCpuidFeatures, WriteCheck};
+//!
+//! let features = GuestCpuidFeatures { vmx: true, ..Default::default() };
+//! let firmware = features.firmware_value();
+//! assert_eq!(firmware, FeatureControl::LOCKED | FeatureControl::VMX_OUTSIDE_SMX);
+//! // Locked: a guest write faults, a host write does not.
+//! assert!(matches!(firmware.check_guest_write(0, &features), WriteCheck::GeneralProtection(_)));
+//! assert_eq!(FeatureControl::check_host_write(0), Ok(FeatureControl::empty()));
+//! ```
 
 use std::fmt;
 
 use kvm_bindings::CpuId;
+use kvm_ioctls::{Cap, Kvm};
 
 use crate::sys;
 
@@ -87,15 +100,19 @@ impl FeatureControl {
         Self(self.0 & !other.0)
     }
 
-    /// Checks a host-initiated write (`KVM_SET_MSRS`) of `value` with KVM's rules: any
-    /// supported bit is accepted, regardless of guest CPUID and of [`Self::LOCKED`].
+    /// Checks a host-initiated write (`KVM_SET_MSRS`) of `value` with KVM's rules since Linux
+    /// 6.0 (`is_vmx_feature_control_msr_valid`): any supported bit is accepted, regardless of
+    /// guest CPUID and of [`Self::LOCKED`].
     ///
-    /// KVM reports a rejected host write as a short `KVM_SET_MSRS` count rather than a fault;
-    /// the rejection is typed the same way as a guest's #GP so both paths share one result.
-    pub const fn check_host_write(value: u64) -> WriteCheck {
+    /// # Errors
+    ///
+    /// [`HostWriteError::UnsupportedBits`] when `value` has a bit outside [`Self::SUPPORTED`].
+    /// KVM answers such a write by processing 0 entries of `KVM_SET_MSRS`; no guest is
+    /// involved, so this is not a #GP ([`WriteCheck`] is for guest writes only).
+    pub const fn check_host_write(value: u64) -> Result<Self, HostWriteError> {
         match Self::from_bits(value) {
-            Some(accepted) => WriteCheck::Accepted(accepted),
-            None => WriteCheck::GeneralProtection(GpReason::UnsupportedBits {
+            Some(accepted) => Ok(accepted),
+            None => Err(HostWriteError::UnsupportedBits {
                 bits: value & !sys::KVM_SUPPORTED_FEATURE_CONTROL,
             }),
         }
@@ -192,6 +209,17 @@ pub enum WriteCheck {
     GeneralProtection(GpReason),
 }
 
+/// A host-initiated write (the VMM's own, or `KVM_SET_MSRS`) that cannot be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HostWriteError {
+    /// The value has bits KVM never supports in IA32_FEATURE_CONTROL.
+    #[error("host write of IA32_FEATURE_CONTROL refused: bits {bits:#x} are outside the supported mask 0x160007")]
+    UnsupportedBits {
+        /// The offending bits.
+        bits: u64,
+    },
+}
+
 /// The guest features that decide which IA32_FEATURE_CONTROL bits a guest may write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GuestCpuidFeatures {
@@ -227,6 +255,32 @@ impl GuestCpuidFeatures {
             sgx_lc: leaf7_ecx & sys::CPUID_7_0_ECX_SGX_LC != 0,
             lmce: mcg_cap & sys::MCG_LMCE_P != 0,
         }
+    }
+
+    /// The features KVM will really give a guest whose CPUID is `guest_cpuid` and whose
+    /// MCG_CAP (for `KVM_X86_SETUP_MCE`) is `mcg_cap`: each feature the guest asks for *and*
+    /// KVM supports ([`KvmSupport`]). KVM offers VMX in `KVM_GET_SUPPORTED_CPUID` only with
+    /// nested virtualization enabled (`vmx_set_cpu_caps`, kvm_intel `nested=1`), and
+    /// `MCG_LMCE_P` in `KVM_X86_GET_MCE_CAP_SUPPORTED` only on VMX.
+    pub fn exposed(guest_cpuid: &CpuId, mcg_cap: u64, support: &KvmSupport) -> Exposure {
+        let asked = Self::from_cpuid(guest_cpuid, mcg_cap);
+        let offered = Self::from_cpuid(&support.cpuid, support.mce_cap);
+        let both = |a: bool, b: bool| a && b;
+        let features = GuestCpuidFeatures {
+            vmx: both(asked.vmx, offered.vmx),
+            smx: both(asked.smx, offered.smx),
+            sgx: both(asked.sgx, offered.sgx),
+            sgx_lc: both(asked.sgx_lc, offered.sgx_lc),
+            lmce: both(asked.lmce, offered.lmce),
+        };
+        let withheld = GuestCpuidFeatures {
+            vmx: asked.vmx && !offered.vmx,
+            smx: asked.smx && !offered.smx,
+            sgx: asked.sgx && !offered.sgx,
+            sgx_lc: asked.sgx_lc && !offered.sgx_lc,
+            lmce: asked.lmce && !offered.lmce,
+        };
+        Exposure { features, withheld }
     }
 
     /// The bits a guest may write, derived as KVM derives `msr_ia32_feature_control_valid_bits`:
@@ -276,6 +330,72 @@ impl GuestCpuidFeatures {
     }
 }
 
+/// What this KVM can give guests: `KVM_GET_SUPPORTED_CPUID` and
+/// `KVM_X86_GET_MCE_CAP_SUPPORTED`, queried once per host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvmSupport {
+    /// `KVM_GET_SUPPORTED_CPUID`.
+    pub cpuid: CpuId,
+    /// `KVM_X86_GET_MCE_CAP_SUPPORTED` (0 where KVM has no `KVM_CAP_MCE`).
+    pub mce_cap: u64,
+}
+
+/// Errors of [`KvmSupport::query`].
+#[derive(Debug, thiserror::Error)]
+pub enum SupportError {
+    /// `KVM_GET_SUPPORTED_CPUID` failed.
+    #[error("KVM_GET_SUPPORTED_CPUID failed")]
+    GetSupportedCpuid(#[source] kvm_ioctls::Error),
+    /// `KVM_X86_GET_MCE_CAP_SUPPORTED` failed although KVM has `KVM_CAP_MCE`.
+    #[error("KVM_X86_GET_MCE_CAP_SUPPORTED failed")]
+    GetMceCapSupported(#[source] vmm_sys_util::errno::Error),
+}
+
+impl KvmSupport {
+    /// Queries `kvm` for what it can give guests.
+    ///
+    /// # Errors
+    ///
+    /// [`SupportError`] naming the ioctl that failed.
+    pub fn query(kvm: &Kvm) -> Result<Self, SupportError> {
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(SupportError::GetSupportedCpuid)?;
+        let mce_cap = if kvm.check_extension(Cap::Mce) {
+            let mut cap = 0u64;
+            // SAFETY: KVM_X86_GET_MCE_CAP_SUPPORTED writes one u64 to the pointer, which
+            // points to `cap`, alive for the call; `kvm` is the /dev/kvm system fd.
+            let ret = unsafe {
+                vmm_sys_util::ioctl::ioctl_with_mut_ref(
+                    kvm,
+                    sys::ioctls::KVM_X86_GET_MCE_CAP_SUPPORTED(),
+                    &mut cap,
+                )
+            };
+            if ret < 0 {
+                return Err(SupportError::GetMceCapSupported(
+                    vmm_sys_util::errno::Error::last(),
+                ));
+            }
+            cap
+        } else {
+            0
+        };
+        Ok(KvmSupport { cpuid, mce_cap })
+    }
+}
+
+/// The IA32_FEATURE_CONTROL-relevant features KVM gives a guest, and those the guest's CPUID
+/// or MCG_CAP asked for but KVM withholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Exposure {
+    /// Asked for and supported: what KVM's valid bits will follow.
+    pub features: GuestCpuidFeatures,
+    /// Asked for but not supported (VMX here means kvm_intel runs with `nested=0`, or the
+    /// vendor module has no VMX at all).
+    pub withheld: GuestCpuidFeatures,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,14 +424,7 @@ mod tests {
     }
 
     #[test]
-    fn named_bits_match_the_kernel_header() {
-        assert_eq!(FeatureControl::LOCKED.bits(), 1);
-        assert_eq!(FeatureControl::VMX_INSIDE_SMX.bits(), 2);
-        assert_eq!(FeatureControl::VMX_OUTSIDE_SMX.bits(), 4);
-        assert_eq!(FeatureControl::SGX_LC.bits(), 1 << 17);
-        assert_eq!(FeatureControl::SGX_ENABLE.bits(), 1 << 18);
-        assert_eq!(FeatureControl::LMCE.bits(), 1 << 20);
-        assert_eq!(FeatureControl::SUPPORTED.bits(), 0x16_0007);
+    fn named_bits_cover_the_supported_mask() {
         let all = FeatureControl::NAMED
             .iter()
             .fold(FeatureControl::empty(), |acc, (bit, _)| acc | *bit);
@@ -442,10 +555,7 @@ mod tests {
     fn guest_read_modify_write_of_host_vmx_inside_smx_is_accepted() {
         let f = features(true, false, false, false, false);
         let host = FeatureControl::VMX_INSIDE_SMX | FeatureControl::VMX_OUTSIDE_SMX;
-        assert_eq!(
-            FeatureControl::check_host_write(host.bits()),
-            WriteCheck::Accepted(host)
-        );
+        assert_eq!(FeatureControl::check_host_write(host.bits()), Ok(host));
         let rmw = host | FeatureControl::LOCKED;
         assert_eq!(
             host.check_guest_write(rmw.bits(), &f),
@@ -499,13 +609,11 @@ mod tests {
         fn host_write_accepts_exactly_the_supported_mask(value in any::<u64>()) {
             let check = FeatureControl::check_host_write(value);
             if value & !0x16_0007 == 0 {
-                prop_assert_eq!(check, WriteCheck::Accepted(FeatureControl(value)));
+                prop_assert_eq!(check, Ok(FeatureControl(value)));
             } else {
                 prop_assert_eq!(
                     check,
-                    WriteCheck::GeneralProtection(GpReason::UnsupportedBits {
-                        bits: value & !0x16_0007
-                    })
+                    Err(HostWriteError::UnsupportedBits { bits: value & !0x16_0007 })
                 );
             }
         }
@@ -514,10 +622,7 @@ mod tests {
         fn host_write_ignores_lock_and_cpuid(value in 0u64..=0x16_0007) {
             // A host write carries no vCPU state: accepted iff supported, even over LOCKED.
             let value = value & 0x16_0007;
-            prop_assert_eq!(
-                FeatureControl::check_host_write(value),
-                WriteCheck::Accepted(FeatureControl(value))
-            );
+            prop_assert_eq!(FeatureControl::check_host_write(value), Ok(FeatureControl(value)));
         }
 
         #[test]

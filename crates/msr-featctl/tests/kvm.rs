@@ -5,16 +5,17 @@
 //! Guests report through `out 0x80`: `0x01`/`0x02` are progress markers, `0x0d` comes from the
 //! guest's own #GP handler (IDT vector 13), so a #GP that KVM injects is seen as the guest saw it.
 
-use kvm_ioctls::{Cap, Kvm, MsrExitReason, VcpuExit};
+use kvm_ioctls::{Cap, Kvm, MsrExitReason, MsrFilterDefaultAction, MsrFilterRangeFlags, VcpuExit};
 use kvm_test_support::guest::{Mode as GuestMode, CODE_ADDR};
 use kvm_test_support::harness::{self, vendor_module};
 use kvm_test_support::{ensure, KvmTest, Requirement, TestError, TestResult, TinyGuest};
-use msr_featctl::emulated::{self, MsrExitAnswer};
-use msr_featctl::mode::{self, ResolutionReason, PROBE_VALUE};
-use msr_featctl::native::{self, NativeOutcome};
+use msr_featctl::emulated::{self, FilterError, FilterRange, MsrExitAnswer, MsrFilter};
+use msr_featctl::feature_msrs::{self, FeatureMsrs, VcpuFeatureMsrs, VmxCapabilities, VmxControls};
+use msr_featctl::mode::{self, ProbeVerdict, Unavailable};
+use msr_featctl::native::{self, ConfiguredVcpu};
 use msr_featctl::{
-    EmulatedFeatureControl, FeatureControl, GpReason, GuestCpuidFeatures, Mode, ResolvedMode,
-    WriteCheck,
+    EmulatedFeatureControl, FeatureControl, GpReason, GuestCpuidFeatures, KvmSupport, Mode,
+    ResolvedMode, WriteCheck,
 };
 
 /// Where guests store what `RDMSR` returned (EAX at +0, EDX at +4).
@@ -36,6 +37,13 @@ mod asm {
     pub const EDX_ZERO: [u8; 2] = [0x31, 0xd2];
     /// `hlt`
     pub const HLT: [u8; 1] = [0xf4];
+
+    /// `mov ecx, imm32`
+    pub fn mov_ecx(imm: u32) -> Vec<u8> {
+        let mut v = vec![0xb9];
+        v.extend_from_slice(&imm.to_le_bytes());
+        v
+    }
 
     /// `mov eax, imm32`
     pub fn mov_eax(imm: u32) -> Vec<u8> {
@@ -172,7 +180,7 @@ fn guest_rdmsr_sees_host_set_value(kvm: &Kvm) -> TestResult {
     let value = FeatureControl::LOCKED | FeatureControl::VMX_OUTSIDE_SMX | FeatureControl::LMCE;
     let mut state = EmulatedFeatureControl::new(features);
     ensure!(
-        state.set_from_host(value.bits()) == WriteCheck::Accepted(value),
+        state.set_from_host(value.bits()) == Ok(value),
         "host write of {value} refused"
     );
     let code = [
@@ -311,7 +319,7 @@ fn guest_read_modify_write_of_host_value(kvm: &Kvm) -> TestResult {
     let locked = host | FeatureControl::LOCKED;
     let mut state = EmulatedFeatureControl::new(vmx());
     ensure!(
-        state.set_from_host(host.bits()) == WriteCheck::Accepted(host),
+        state.set_from_host(host.bits()) == Ok(host),
         "host write refused"
     );
     let code = [
@@ -385,10 +393,213 @@ fn save_restore_keeps_value_and_lock(kvm: &Kvm) -> TestResult {
     Ok(())
 }
 
-/// Where KVM stores the MSR (kvm_intel, Linux 6.0+), a host write of the firmware value is
-/// read back and seen by a guest RDMSR with no filter, and KVM itself faults the locked write.
-/// Elsewhere the test skips with what KVM did.
-fn native_path_where_kvm_accepts_the_write(kvm: &Kvm) -> TestResult {
+/// A tiny long-mode guest with the #GP handler, in a fresh VM with no MSR setup.
+fn plain_guest(kvm: &Kvm, code: &[u8]) -> Result<TinyGuest, TestError> {
+    let vm = kvm.create_vm()?;
+    let guest = TinyGuest::with_vm(vm, GuestMode::Long, code)?;
+    guest.write(
+        GP_HANDLER,
+        &[asm::report(GP_MARKER), asm::HLT.to_vec()].concat(),
+    )?;
+    guest.set_idt_gate(13, GP_HANDLER)?;
+    Ok(guest)
+}
+
+/// The probe's verdict matches the vendor module, is stable, and the report and the automatic
+/// mode follow it.
+fn probe_proves_what_kvm_does(kvm: &Kvm) -> TestResult {
+    let verdict = mode::probe_msr(kvm)?;
+    let vendor = vendor_module();
+    eprintln!("vendor module {vendor:?}: {verdict}");
+    match vendor {
+        Some("kvm_amd") | Some("kvm_pvm") => ensure!(
+            verdict != ProbeVerdict::HeldByKvm,
+            "{vendor:?} reported as holding MSR 0x3a"
+        ),
+        Some("kvm_intel") => ensure!(
+            verdict == ProbeVerdict::HeldByKvm,
+            "kvm_intel not holding MSR 0x3a: {verdict}"
+        ),
+        _ => {}
+    }
+    let again = mode::probe_msr(kvm)?;
+    ensure!(again == verdict, "probe gave {verdict:?}, then {again:?}");
+    let report = msr_featctl::probe(kvm)?;
+    eprintln!("{report}");
+    ensure!(
+        report.verdict == verdict,
+        "report verdict {:?}",
+        report.verdict
+    );
+    ensure!(
+        report.user_space_msr == kvm.check_extension(Cap::X86UserSpaceMsr)
+            && report.msr_filter == kvm.check_extension(Cap::X86MsrFilter),
+        "capabilities misreported"
+    );
+    let held = verdict == ProbeVerdict::HeldByKvm;
+    match report.automatic {
+        Ok(r) => ensure!(
+            (r.mode == ResolvedMode::Native) == held && !r.requested,
+            "automatic {r} with verdict {verdict:?}"
+        ),
+        Err(why) => ensure!(
+            !held && matches!(why, Unavailable::MissingCapability(_)),
+            "no mode: {why}"
+        ),
+    }
+    ensure!(report.to_string().contains("  mode: "), "report: {report}");
+    Ok(())
+}
+
+/// Explicit modes are confirmed or refused by the probe, never swapped: emulation is refused
+/// where KVM holds the MSR, native where it does not.
+fn resolve_never_emulates_where_kvm_holds_the_msr(kvm: &Kvm) -> TestResult {
+    let verdict = mode::probe_msr(kvm)?;
+    let auto = mode::resolve(kvm, Mode::Automatic)?;
+    let native = mode::resolve(kvm, Mode::Native);
+    let emulated = mode::resolve(kvm, Mode::Emulated);
+    if verdict == ProbeVerdict::HeldByKvm {
+        ensure!(auto.mode == ResolvedMode::Native, "automatic {auto}");
+        ensure!(
+            matches!(native, Ok(r) if r.mode == ResolvedMode::Native && r.requested),
+            "native: {native:?}"
+        );
+        ensure!(
+            matches!(
+                emulated,
+                Err(mode::Error::Unavailable {
+                    why: Unavailable::KvmHoldsTheMsr,
+                    ..
+                })
+            ),
+            "emulated where KVM holds the MSR: {emulated:?}"
+        );
+    } else {
+        ensure!(auto.mode == ResolvedMode::Emulated, "automatic {auto}");
+        ensure!(
+            matches!(emulated, Ok(r) if r.mode == ResolvedMode::Emulated && r.requested),
+            "emulated: {emulated:?}"
+        );
+        ensure!(
+            matches!(
+                native,
+                Err(mode::Error::Unavailable {
+                    why: Unavailable::KvmDoesNotHoldTheMsr(v),
+                    ..
+                }) if v == verdict
+            ),
+            "native where KVM does not hold the MSR: {native:?}"
+        );
+    }
+    Ok(())
+}
+
+/// The environment variable that turns this binary into the permission child below.
+const PERM_CHILD: &str = "MSR_FEATCTL_PERM_CHILD";
+const ARCH_GET_XCOMP_SUPP: libc::c_long = 0x1021;
+const ARCH_REQ_XCOMP_GUEST_PERM: libc::c_long = 0x1025;
+const XFEATURE_XTILEDATA: libc::c_long = 18;
+
+/// `arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, XTILEDATA)`: 0 or the errno.
+fn request_amx_guest_perm() -> i32 {
+    // SAFETY: arch_prctl with an integer argument; no memory is passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_GUEST_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    if r == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
+}
+
+/// Runs in a fresh process (this binary re-executed with [`PERM_CHILD`] set): does `how`
+/// ("probe": the crate's probe; "in-process": a vCPU in this process), then requests the AMX
+/// guest permission and prints the result.
+fn perm_child(how: &str) -> ! {
+    let outcome = (|| -> Result<(), Box<dyn std::error::Error>> {
+        let kvm = Kvm::new()?;
+        match how {
+            "probe" => drop(mode::probe_msr(&kvm)?),
+            _ => {
+                let vm = kvm.create_vm()?;
+                drop(vm.create_vcpu(0)?);
+            }
+        }
+        Ok(())
+    })();
+    match outcome {
+        Ok(()) => {
+            println!("PERM_RESULT {}", request_amx_guest_perm());
+            std::process::exit(0)
+        }
+        Err(e) => {
+            println!("PERM_ERROR {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+fn run_perm_child(how: &str) -> Result<i32, TestError> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .env(PERM_CHILD, how)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("PERM_RESULT "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| TestError::fail(format!("{how} child: {text} {:?}", out.status)))
+}
+
+/// The probe's scratch vCPU lives in a child process, so the VMM process can still ask for
+/// the AMX guest permission afterwards; a vCPU created in-process (the control) freezes it.
+fn probe_leaves_the_xstate_guest_permission_alone(_kvm: &Kvm) -> TestResult {
+    let mut supported = 0u64;
+    // SAFETY: ARCH_GET_XCOMP_SUPP writes one u64 to the pointer, which points to `supported`.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_GET_XCOMP_SUPP,
+            &mut supported as *mut u64,
+        )
+    };
+    if r != 0 || supported & (1 << XFEATURE_XTILEDATA) == 0 {
+        return Err(TestError::skip(format!(
+            "the CPU has no AMX tile data (ARCH_GET_XCOMP_SUPP = {supported:#x}), so there is \
+             no XSTATE guest permission to freeze"
+        )));
+    }
+    let control = run_perm_child("in-process")?;
+    if control != libc::EBUSY {
+        return Err(TestError::skip(format!(
+            "this kernel does not freeze the XSTATE guest permission at vCPU creation \
+             (request after an in-process vCPU answered {control}), nothing to protect"
+        )));
+    }
+    let after_probe = run_perm_child("probe")?;
+    ensure!(
+        after_probe == 0,
+        "AMX guest permission request after the probe answered errno {after_probe}"
+    );
+    Ok(())
+}
+
+/// Where KVM holds the MSR (kvm_intel), the firmware value for what KVM exposes is written on
+/// a vCPU whose CPUID is set, read back, seen by a guest RDMSR with no filter, and KVM itself
+/// faults the locked guest write. Elsewhere the test skips with the probe's verdict.
+fn native_path_on_a_configured_vcpu(kvm: &Kvm) -> TestResult {
+    let verdict = mode::probe_msr(kvm)?;
+    if verdict != ProbeVerdict::HeldByKvm {
+        return Err(TestError::skip(format!(
+            "KVM does not hold IA32_FEATURE_CONTROL here (vendor module {}; the native path \
+             needs kvm_intel): {verdict}",
+            vendor_module().unwrap_or("none")
+        )));
+    }
     let code = [
         asm::read_feat_ctl_to(RESULT_ADDR),
         asm::report(1),
@@ -397,29 +608,16 @@ fn native_path_where_kvm_accepts_the_write(kvm: &Kvm) -> TestResult {
         asm::HLT.to_vec(),
     ]
     .concat();
-    let vm = kvm.create_vm()?;
-    let mut guest = TinyGuest::with_vm(vm, GuestMode::Long, &code)?;
-    guest.write(
-        GP_HANDLER,
-        &[asm::report(GP_MARKER), asm::HLT.to_vec()].concat(),
-    )?;
-    guest.set_idt_gate(13, GP_HANDLER)?;
-    let outcome = native::apply_native(&guest.vcpu, PROBE_VALUE)?;
-    let vendor = vendor_module().unwrap_or("none");
-    match outcome {
-        NativeOutcome::Applied(v) => ensure!(v == PROBE_VALUE, "applied {v}"),
-        declined => {
-            return Err(TestError::skip(format!(
-                "KVM does not hold IA32_FEATURE_CONTROL here (vendor module {vendor}, needs \
-                 kvm_intel): {declined}"
-            )))
-        }
-    }
-    let read = native::read_native(&guest.vcpu)?;
+    let mut guest = plain_guest(kvm, &code)?;
+    let support = KvmSupport::query(kvm)?;
+    let configured = ConfiguredVcpu::configure(&guest.vcpu, &support.cpuid, None, &support)?;
+    let value = native::apply_firmware_value(&configured)?;
     ensure!(
-        read == Some(PROBE_VALUE.bits()),
-        "KVM_GET_MSRS reads {read:?}"
+        value == configured.features().firmware_value(),
+        "applied {value}"
     );
+    let read = native::read_native(&guest.vcpu)?;
+    ensure!(read == Some(value.bits()), "KVM_GET_MSRS reads {read:?}");
     let mut state = EmulatedFeatureControl::new(vmx()); // no filter: never consulted
     let events = run_to_hlt(&mut guest, &mut state)?;
     ensure!(
@@ -427,84 +625,303 @@ fn native_path_where_kvm_accepts_the_write(kvm: &Kvm) -> TestResult {
         "native guest events {events:?}"
     );
     let seen = read_result(&guest)?;
-    ensure!(seen == PROBE_VALUE.bits(), "guest read {seen:#x}");
+    ensure!(seen == value.bits(), "guest read {seen:#x}");
     Ok(())
 }
 
-/// The report agrees with direct ioctls, and the automatic choice follows the native probe.
-fn probe_report_matches_the_host(kvm: &Kvm) -> TestResult {
-    let report = msr_featctl::probe(kvm)?;
-    eprintln!("{report}");
-    ensure!(
-        report.user_space_msr == kvm.check_extension(Cap::X86UserSpaceMsr),
-        "user-space MSR capability misreported"
-    );
-    ensure!(
-        report.msr_filter == kvm.check_extension(Cap::X86MsrFilter),
-        "MSR filter capability misreported"
-    );
-    let again = mode::probe_native(kvm, PROBE_VALUE)?;
-    ensure!(
-        again == report.native,
-        "probe gave {:?}, then {again:?}",
-        report.native
-    );
-    let native_applied = matches!(report.native, NativeOutcome::Applied(_));
-    match report.automatic {
-        Ok(r) => ensure!(
-            (r.mode == ResolvedMode::Native) == native_applied,
-            "automatic {r} with native outcome {:?}",
-            report.native
-        ),
-        Err(missing) => ensure!(
-            !native_applied,
-            "no mode although native applied (missing {missing:?})"
-        ),
-    }
-    // Neither AMD nor PVM holds the MSR: the probe must not claim they do.
-    if matches!(report.vendor_module, Some("kvm_amd") | Some("kvm_pvm")) {
-        ensure!(
-            !native_applied,
-            "{:?} reported as storing MSR 0x3a",
-            report.vendor_module
-        );
-    }
-    let text = report.to_string();
-    ensure!(text.contains("automatic mode:"), "report text: {text}");
-    Ok(())
+/// An MSR no KVM knows, used for UNKNOWN exits.
+const MSR_NONEXISTENT: u32 = 0x474f_4f00;
+
+/// One MSR exit as the test saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Read(MsrExitReason, u32),
+    Write(MsrExitReason, u32, u64),
+    Out(u8),
 }
 
-/// `resolve` honours explicit modes and agrees with the probe in automatic mode.
-fn resolve_modes(kvm: &Kvm) -> TestResult {
-    let native = mode::resolve(kvm, Mode::Native, PROBE_VALUE)?;
-    ensure!(
-        native.mode == ResolvedMode::Native && native.reason == ResolutionReason::Requested,
-        "native resolved to {native}"
-    );
-    let emulated = mode::resolve(kvm, Mode::Emulated, PROBE_VALUE)?;
-    ensure!(
-        emulated.mode == ResolvedMode::Emulated && emulated.reason == ResolutionReason::Requested,
-        "emulated resolved to {emulated}"
-    );
-    let auto = mode::resolve(kvm, Mode::Automatic, PROBE_VALUE)?;
-    let probed = mode::probe_native(kvm, PROBE_VALUE)?;
-    match (auto.reason, probed) {
-        (ResolutionReason::NativeAccepted, NativeOutcome::Applied(_)) => {}
-        (ResolutionReason::NativeDeclined(seen), declined) if seen == declined => {}
-        other => {
-            return Err(TestError::fail(format!(
-                "automatic {auto} vs probe: {other:?}"
-            )))
+/// Runs to `hlt`, answering every MSR exit: reads get `answer`, writes are accepted.
+fn run_recording(guest: &mut TinyGuest, answer: u64) -> Result<Vec<Seen>, TestError> {
+    let mut seen = Vec::new();
+    for _ in 0..MAX_EXITS {
+        match guest.vcpu.run()? {
+            VcpuExit::X86Rdmsr(e) => {
+                seen.push(Seen::Read(e.reason, e.index));
+                *e.data = answer;
+                *e.error = 0;
+            }
+            VcpuExit::X86Wrmsr(e) => {
+                seen.push(Seen::Write(e.reason, e.index, e.data));
+                *e.error = 0;
+            }
+            VcpuExit::IoOut(0x80, data) if data.len() == 1 => seen.push(Seen::Out(data[0])),
+            VcpuExit::Hlt => return Ok(seen),
+            VcpuExit::Intr => {}
+            other => {
+                return Err(TestError::fail(format!(
+                    "unexpected exit {other:?} after {seen:?}"
+                )))
+            }
         }
     }
+    Err(TestError::fail(format!("no hlt: {seen:?}")))
+}
+
+/// Exit reasons are exactly the ones asked for: UNKNOWN alone leaves FILTER exits off (the
+/// filtered 0x3a then faults in the guest), FILTER alone leaves an unknown MSR to fault.
+fn exit_reasons_are_exactly_the_ones_asked_for(kvm: &Kvm) -> TestResult {
+    let code = [
+        asm::mov_ecx(MSR_NONEXISTENT),
+        asm::RDMSR.to_vec(),
+        asm::store_edx_eax(RESULT_ADDR),
+        asm::report(1),
+        asm::read_feat_ctl_to(RESULT_ADDR + 8),
+        asm::report(2),
+        asm::HLT.to_vec(),
+    ]
+    .concat();
+    let answer = 0x1234_5678_9abc_def0;
+
+    let mut guest = plain_guest(kvm, &code)?;
+    emulated::enable_user_space_msr(&guest.vm, MsrExitReason::Unknown)?;
+    emulated::install_filter(&guest.vm)?;
+    let seen = run_recording(&mut guest, answer)?;
+    let expected = [
+        Seen::Read(MsrExitReason::Unknown, MSR_NONEXISTENT),
+        Seen::Out(1),
+        Seen::Out(GP_MARKER),
+    ];
+    ensure!(
+        seen == expected,
+        "UNKNOWN only: {seen:?}, expected {expected:?}"
+    );
+    ensure!(
+        read_result(&guest)? == answer,
+        "guest did not get the answer"
+    );
+
+    let mut guest = plain_guest(kvm, &code)?;
+    emulated::enable_user_space_msr(&guest.vm, MsrExitReason::Filter)?;
+    emulated::install_filter(&guest.vm)?;
+    let seen = run_recording(&mut guest, answer)?;
+    ensure!(
+        seen == [Seen::Out(GP_MARKER)],
+        "FILTER only, unknown MSR first: {seen:?}"
+    );
+
+    let mut guest = plain_guest(kvm, &code)?;
+    emulated::enable_user_space_msr(&guest.vm, MsrExitReason::Unknown | MsrExitReason::Filter)?;
+    emulated::install_filter(&guest.vm)?;
+    let seen = run_recording(&mut guest, answer)?;
+    let expected = [
+        Seen::Read(MsrExitReason::Unknown, MSR_NONEXISTENT),
+        Seen::Out(1),
+        Seen::Read(MsrExitReason::Filter, 0x3a),
+        Seen::Out(2),
+    ];
+    ensure!(seen == expected, "both: {seen:?}, expected {expected:?}");
+    Ok(())
+}
+
+/// READ-only and WRITE-only ranges filter only their access: the other one reaches KVM (which
+/// does not know the MSR, so it exits with reason UNKNOWN).
+fn read_only_and_write_only_ranges(kvm: &Kvm) -> TestResult {
+    let code = [
+        asm::mov_ecx(MSR_NONEXISTENT),
+        asm::RDMSR.to_vec(),
+        asm::report(1),
+        asm::mov_ecx(MSR_NONEXISTENT),
+        asm::mov_eax(0x77),
+        asm::EDX_ZERO.to_vec(),
+        asm::WRMSR.to_vec(),
+        asm::report(2),
+        asm::HLT.to_vec(),
+    ]
+    .concat();
+    for (flags, read_reason, write_reason) in [
+        (
+            MsrFilterRangeFlags::WRITE,
+            MsrExitReason::Unknown,
+            MsrExitReason::Filter,
+        ),
+        (
+            MsrFilterRangeFlags::READ,
+            MsrExitReason::Filter,
+            MsrExitReason::Unknown,
+        ),
+    ] {
+        let mut guest = plain_guest(kvm, &code)?;
+        emulated::enable_user_space_msr(&guest.vm, MsrExitReason::Unknown | MsrExitReason::Filter)?;
+        let mut filter = MsrFilter::new(MsrFilterDefaultAction::ALLOW);
+        filter.push(FilterRange::deny(MSR_NONEXISTENT, 1, flags));
+        filter.with_feature_control().install(&guest.vm)?;
+        let seen = run_recording(&mut guest, 0)?;
+        let expected = [
+            Seen::Read(read_reason, MSR_NONEXISTENT),
+            Seen::Out(1),
+            Seen::Write(write_reason, MSR_NONEXISTENT, 0x77),
+            Seen::Out(2),
+        ];
+        ensure!(
+            seen == expected,
+            "{flags:?} range: {seen:?}, expected {expected:?}"
+        );
+    }
+    Ok(())
+}
+
+/// A merged filter installs; filters KVM would refuse or misread are refused before the ioctl
+/// with their rule.
+fn filters_are_validated_before_the_ioctl(kvm: &Kvm) -> TestResult {
+    let vm = kvm.create_vm()?;
+    let mut own = MsrFilter::new(MsrFilterDefaultAction::ALLOW);
+    own.push(FilterRange::deny(0x10, 1, MsrFilterRangeFlags::WRITE));
+    own.with_feature_control().install(&vm)?;
+
+    let mut x2apic = MsrFilter::new(MsrFilterDefaultAction::ALLOW);
+    x2apic.push(FilterRange::deny(0x800, 0x100, MsrFilterRangeFlags::READ));
+    let err = x2apic.install(&vm).expect_err("x2APIC range");
+    ensure!(
+        matches!(
+            err,
+            emulated::Error::InvalidFilter(FilterError::CoversX2apic { range: 0 })
+        ),
+        "{err:?}"
+    );
+    let err = MsrFilter::new(MsrFilterDefaultAction::DENY)
+        .install(&vm)
+        .expect_err("deny without ranges");
+    ensure!(
+        matches!(
+            err,
+            emulated::Error::InvalidFilter(FilterError::DenyWithoutRanges)
+        ),
+        "{err:?}"
+    );
+    Ok(())
+}
+
+/// The feature-MSR list sized from E2BIG matches kvm-ioctls' fixed-size call, every listed
+/// index has a host value, and an index that is not a feature MSR is reported unknown.
+fn feature_msr_list_and_host_values(kvm: &Kvm) -> TestResult {
+    let list = feature_msrs::feature_msr_index_list(kvm)?;
+    let reference = kvm.get_msr_feature_index_list()?;
+    ensure!(
+        list == reference.as_slice(),
+        "{list:x?} vs kvm-ioctls {:x?}",
+        reference.as_slice()
+    );
+    let host = feature_msrs::host_feature_msrs(kvm)?;
+    ensure!(
+        host.unknown().is_empty(),
+        "listed but unknown: {:x?}",
+        host.unknown()
+    );
+    ensure!(host.iter().count() == list.len(), "values for {:?}", host);
+    let probe = feature_msrs::host_feature_msr_values(kvm, &[0x3a])?;
+    ensure!(
+        probe.unknown() == [0x3a],
+        "0x3a as a feature MSR: {probe:?}"
+    );
+    Ok(())
+}
+
+/// Host feature-MSR values apply to a vCPU before its first run (a value KVM refuses is a
+/// typed host-write refusal naming the MSR); after the run an unchanged set is accepted and a
+/// changed one refused in userspace, before any ioctl.
+fn feature_msrs_are_fixed_after_the_first_run(kvm: &Kvm) -> TestResult {
+    let host = feature_msrs::host_feature_msrs(kvm)?;
+    let mut guest = plain_guest(kvm, &asm::HLT)?;
+    let support = KvmSupport::query(kvm)?;
+    let configured = ConfiguredVcpu::configure(&guest.vcpu, &support.cpuid, None, &support)?;
+    let mut state = VcpuFeatureMsrs::new();
+    let mut accepted = FeatureMsrs::new();
+    for (index, value) in host.iter() {
+        let mut one = FeatureMsrs::new();
+        one.set(index, value);
+        match state.apply(configured.vcpu(), &one) {
+            Ok(()) => {
+                accepted.set(index, value);
+            }
+            Err(feature_msrs::Error::HostWriteRefused { index: i, value: v })
+                if i == index && v == value =>
+            {
+                eprintln!("KVM refuses its own host value {value:#x} for feature MSR {index:#x}");
+            }
+            Err(other) => return Err(other.into()),
+        }
+    }
+    let Some((index, value)) = accepted.iter().next() else {
+        return Err(TestError::skip(format!(
+            "KVM takes none of its feature MSRs' host values on a vCPU: {host:x?}"
+        )));
+    };
+    ensure!(
+        state.applied().eq(accepted.iter()),
+        "applied {:x?}",
+        state.applied().collect::<Vec<_>>()
+    );
+    state.first_run();
+    let exit = guest.run()?;
+    ensure!(
+        exit == kvm_test_support::GuestExit::Hlt,
+        "guest exit {exit:?}"
+    );
+    state.apply(&guest.vcpu, &accepted)?;
+    let mut changed = FeatureMsrs::new();
+    changed.set(index, value ^ 1);
+    let err = state
+        .apply(&guest.vcpu, &changed)
+        .expect_err("changed after run");
+    ensure!(
+        matches!(err, feature_msrs::Error::ChangedAfterRun { index: i, applied: Some(a), .. } if i == index && a == value),
+        "{err:?}"
+    );
+    Ok(())
+}
+
+/// Where KVM offers the VMX capability MSRs (kvm_intel, nested=1), a narrowed set applies to a
+/// vCPU with VMX and reads back.
+fn vmx_capabilities_narrow_on_kvm_intel(kvm: &Kvm) -> TestResult {
+    let host = feature_msrs::host_feature_msrs(kvm)?;
+    let mut caps = VmxCapabilities::from_host(&host);
+    let Some(procbased2) = caps.value(VmxControls::Procbased2.index()) else {
+        return Err(TestError::skip(format!(
+            "KVM offers no VMX capability MSRs (vendor module {}; needs kvm_intel with nested=1)",
+            vendor_module().unwrap_or("none")
+        )));
+    };
+    let allowed1 = (procbased2 >> 32) as u32;
+    let drop_bit = allowed1 & allowed1.wrapping_neg(); // the lowest offered control
+    caps.disallow(VmxControls::Procbased2, drop_bit)?;
+    let mut set = FeatureMsrs::new();
+    caps.add_to(&mut set);
+    let guest = plain_guest(kvm, &asm::HLT)?;
+    let support = KvmSupport::query(kvm)?;
+    let configured = ConfiguredVcpu::configure(&guest.vcpu, &support.cpuid, None, &support)?;
+    VcpuFeatureMsrs::new().apply(configured.vcpu(), &set)?;
+    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: VmxControls::Procbased2.index(),
+        ..Default::default()
+    }])?;
+    guest.vcpu.get_msrs(&mut msrs)?;
+    let read = msrs.as_slice()[0].data;
+    ensure!(
+        read == caps.value(VmxControls::Procbased2.index()).unwrap_or(0),
+        "PROCBASED_CTLS2 reads {read:#x}"
+    );
     Ok(())
 }
 
 fn main() {
+    if let Ok(how) = std::env::var(PERM_CHILD) {
+        perm_child(&how);
+    }
     let emulation = |t: KvmTest| {
         t.requires(Requirement::Cap(Cap::X86UserSpaceMsr))
             .requires(Requirement::Cap(Cap::X86MsrFilter))
     };
+    let features = |t: KvmTest| t.requires(Requirement::Cap(Cap::GetMsrFeatures));
     harness::main(vec![
         emulation(KvmTest::new(
             "emulated_guest_rdmsr_sees_host_set_value",
@@ -530,14 +947,42 @@ fn main() {
             "emulated_save_restore_keeps_value_and_lock",
             save_restore_keeps_value_and_lock,
         )),
+        KvmTest::new("probe_proves_what_kvm_does", probe_proves_what_kvm_does),
+        emulation(KvmTest::new(
+            "resolve_never_emulates_where_kvm_holds_the_msr",
+            resolve_never_emulates_where_kvm_holds_the_msr,
+        )),
         KvmTest::new(
-            "native_path_where_kvm_accepts_the_write",
-            native_path_where_kvm_accepts_the_write,
+            "probe_leaves_the_xstate_guest_permission_alone",
+            probe_leaves_the_xstate_guest_permission_alone,
         ),
         KvmTest::new(
-            "probe_report_matches_the_host",
-            probe_report_matches_the_host,
+            "native_path_on_a_configured_vcpu",
+            native_path_on_a_configured_vcpu,
         ),
-        emulation(KvmTest::new("resolve_modes", resolve_modes)),
+        emulation(KvmTest::new(
+            "exit_reasons_are_exactly_the_ones_asked_for",
+            exit_reasons_are_exactly_the_ones_asked_for,
+        )),
+        emulation(KvmTest::new(
+            "read_only_and_write_only_ranges",
+            read_only_and_write_only_ranges,
+        )),
+        emulation(KvmTest::new(
+            "filters_are_validated_before_the_ioctl",
+            filters_are_validated_before_the_ioctl,
+        )),
+        features(KvmTest::new(
+            "feature_msr_list_and_host_values",
+            feature_msr_list_and_host_values,
+        )),
+        features(KvmTest::new(
+            "feature_msrs_are_fixed_after_the_first_run",
+            feature_msrs_are_fixed_after_the_first_run,
+        )),
+        features(KvmTest::new(
+            "vmx_capabilities_narrow_on_kvm_intel",
+            vmx_capabilities_narrow_on_kvm_intel,
+        )),
     ])
 }
