@@ -89,12 +89,19 @@ pub struct Tally {
     pub skipped: u64,
     /// `(binary label, test name, reason)` of every skip seen.
     pub skips: Vec<(String, String, String)>,
+    /// The nested runner's retry lines: a boot of the test host that froze and was booted
+    /// again. Kept apart from test failures.
+    pub frozen_retries: Vec<String>,
 }
 
 impl Tally {
     /// Reads one line of test output. `label` names the binary the line came from.
     pub fn read_line(&mut self, label: &str, line: &str) {
         let line = line.trim_end_matches(['\r', '\n']);
+        if let Some(retry) = line.strip_prefix(l1::FROZEN_RETRY_PREFIX) {
+            self.frozen_retries.push(retry.trim().to_owned());
+            return;
+        }
         // Only lines that start with it: `nested-tests` repeats them indented in its summary.
         if let Some(counts) = line.strip_prefix("test result: ") {
             self.passed += count(counts, "passed");
@@ -111,8 +118,12 @@ impl Tally {
                 if let Some(reason) = reason {
                     let name = name.trim();
                     let name = name.strip_prefix("[kvm] ").unwrap_or(name).trim();
-                    self.skips
-                        .push((label.to_owned(), name.to_owned(), reason.trim().to_owned()));
+                    let skip = (label.to_owned(), name.to_owned(), reason.trim().to_owned());
+                    // A step a frozen test host interrupted runs again and prints its skips
+                    // again: list each once.
+                    if !self.skips.contains(&skip) {
+                        self.skips.push(skip);
+                    }
                 }
             }
         }
@@ -123,6 +134,7 @@ impl Tally {
         self.failed += other.failed;
         self.skipped += other.skipped;
         self.skips.extend(other.skips);
+        self.frozen_retries.extend(other.frozen_retries);
     }
 }
 
@@ -232,6 +244,17 @@ pub fn run(workspace: &Path) -> Result<()> {
     for (tier, tally) in &tiers {
         for (label, test, reason) in &tally.skips {
             println!("  {tier:<10} {label}::{test}: {reason}");
+        }
+    }
+    for (tier, tally) in &tiers {
+        if tier == &Tier::KvmNested {
+            println!(
+                "frozen test host, booted again (not test failures): {}",
+                tally.frozen_retries.len()
+            );
+            for retry in &tally.frozen_retries {
+                println!("  {retry}");
+            }
         }
     }
     print!("{report}");
@@ -419,6 +442,28 @@ mod tests {
             "                 test result: ok. 7 passed; 0 failed; 0 ignored; 0 measured",
         );
         assert_eq!((tally.passed, tally.failed, tally.skipped), (6, 3, 2));
+    }
+
+    #[test]
+    fn frozen_host_retries_are_counted_apart_from_tests_and_skips_listed_once() {
+        let mut tally = Tally::default();
+        let skip = "test [kvm] amx ... ignored (no AMX)";
+        tally.read_line("x/kvm", skip);
+        tally.read_line(
+            "x/kvm",
+            &format!(
+                "{} 1 of 2: booting L1 again, resuming at `x/kvm`",
+                l1::FROZEN_RETRY_PREFIX
+            ),
+        );
+        tally.read_line("x/kvm", skip);
+        tally.read_line("x/kvm", "test result: ok. 3 passed; 0 failed; 1 ignored");
+        assert_eq!(
+            tally.frozen_retries,
+            ["1 of 2: booting L1 again, resuming at `x/kvm`"]
+        );
+        assert_eq!(tally.skips.len(), 1);
+        assert_eq!((tally.passed, tally.failed, tally.skipped), (3, 0, 1));
     }
 
     #[test]
