@@ -482,6 +482,9 @@ pub(crate) mod tests {
         /// attribute, `EOPNOTSUPP` for a component outside KVM's `supported_xcr0`, and
         /// otherwise calls `xstate_request_perm(idx, true)`.
         Rfc,
+        /// A kernel with the RFC's `kvm_x86_dev_set_attr` handler but not attribute 1: its
+        /// `default:` case, `ENXIO`.
+        RfcWithoutPermAttr,
     }
 
     /// XFEATURE_MAX of the kernel modelled (arch/x86/include/asm/fpu/types.h, 6.16 with
@@ -552,6 +555,7 @@ pub(crate) mod tests {
         ) -> std::result::Result<(), i32> {
             match self.attr_kernel {
                 AttrKernel::Mainline => Err(libc::EINVAL),
+                AttrKernel::RfcWithoutPermAttr => Err(libc::ENXIO),
                 AttrKernel::Rfc => {
                     let idx = attr.addr;
                     if attr.group != 0 || attr.attr != 1 {
@@ -670,6 +674,23 @@ pub(crate) mod tests {
             vec![(RequestPath::KvmDeviceAttr, 18)]
         );
         assert_eq!(perm.permitted().bits(), SPR_CPU);
+    }
+
+    #[test]
+    fn an_unknown_attribute_falls_back_to_arch_prctl() {
+        let host = FakeHost {
+            attr_kernel: AttrKernel::RfcWithoutPermAttr,
+            ..FakeHost::amx()
+        };
+        let perm = GuestPermission::request(&host, amx()).unwrap();
+        assert_eq!(perm.requested_via(), Some(RequestPath::ArchPrctl));
+        assert_eq!(
+            *host.requests.borrow(),
+            vec![
+                (RequestPath::KvmDeviceAttr, 18),
+                (RequestPath::ArchPrctl, 18)
+            ]
+        );
     }
 
     #[test]
