@@ -37,6 +37,15 @@ pub enum Task {
     NestedTests(NestedTestsArgs),
     /// Print the path of the cached L1 kernel (bzImage), fetching it if missing.
     NestedKernel,
+    /// Soak the nested test host: many guest boots and runs of the KVM test binaries in one
+    /// L1 boot, counting the times L1 froze and where.
+    NestedSoak(SoakArgs),
+    /// Write the reference VMM's default guest initramfs (busybox, `/init` with the marker).
+    GuestInitramfs {
+        /// Where to write it.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// The test command of README.md: fmt, clippy, doc, the unit, kvm-local and kvm-nested
     /// tiers, and the per-crate coverage gate, with a summary of each tier and its skips.
     Ci,
@@ -124,6 +133,23 @@ pub struct NestedTestsArgs {
     /// Arguments passed to every test binary.
     #[arg(last = true, value_name = "TEST ARGS")]
     pub test_args: Vec<String>,
+}
+
+/// Options of `cargo xtask nested-soak`.
+#[derive(Debug, Args)]
+pub struct SoakArgs {
+    /// Guest boots (reference VMM, default guest, alternating 1 and 2 vCPUs).
+    #[arg(long, default_value_t = 200)]
+    pub boots: u32,
+    /// Runs of every `kvm` and `smoke` test binary, spread between the boots.
+    #[arg(long, default_value_t = 20)]
+    pub test_runs: u32,
+    /// How many freezes to recover from before giving up.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub max_freezes: u32,
+    /// Options for L1 (its `--timeout` grows to what the steps may take in all).
+    #[command(flatten)]
+    pub host: HostArgs,
 }
 
 /// Errors in argument values.

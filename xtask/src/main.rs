@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use xtask::cli::{Cli, Task};
-use xtask::{ci, coverage, debian, l1, nested, nested_tests, protocol};
+use xtask::{ci, coverage, debian, guest, l1, nested, nested_soak, nested_tests, protocol};
 
 /// Exit status when a task could not do its job at all (as `docker run` uses it).
 const EXIT_TASK_FAILED: u8 = 125;
@@ -26,6 +26,19 @@ fn main() -> ExitCode {
             match nested_tests::run(&xtask::workspace_root(), &cache_dir, &args) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
+                Err(e) => fail(&e),
+            }
+        }
+        Task::NestedSoak(args) => {
+            match nested_soak::run(&xtask::workspace_root(), &cache_dir, &args) {
+                Ok(report) if report.passed() => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
+                Err(e) => fail(&e),
+            }
+        }
+        Task::GuestInitramfs { out } => {
+            match guest::write_initramfs(std::path::Path::new(l1::BUSYBOX), &out) {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
             }
         }
