@@ -137,11 +137,7 @@ const BOOT_PREFIX: &str = "boot-";
 /// The steps: `boots` guest boots with a round of `binaries` after every `boots / rounds`.
 fn plan(boots: u32, rounds: u32, binaries: &[(String, String)]) -> Vec<Step> {
     let mut steps = Vec::new();
-    let every = if rounds == 0 {
-        u32::MAX
-    } else {
-        (boots / rounds).max(1)
-    };
+    let every = boots.checked_div(rounds).map_or(u32::MAX, |n| n.max(1));
     let mut rounds_done = 0;
     for i in 1..=boots {
         let vcpus = if i % 2 == 0 { 2 } else { 1 };
