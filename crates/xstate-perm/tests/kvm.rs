@@ -925,7 +925,8 @@ fn extended_state_moves_to_a_new_vm(kvm: &Kvm) -> TestResult {
     if !target.contains(XFeature::XtileData) {
         // IA32_XFD arming tile data, for a vCPU without tile data: refused by the check, and
         // by KVM itself, which processes none of the entry (kvm_set_msr_common).
-        let mut armed = moved.clone();
+        // The target's own state fits it but for the XFD.
+        let mut armed = before.clone();
         armed.xfd = XFeatureSet::DYNAMIC.bits();
         let refused = armed.restore(&permission, &third.vm, &third.vcpu);
         ensure!(
