@@ -1,12 +1,19 @@
-//! The smallest ACPI that lets a Linux guest power off: an RSDP, an XSDT listing one FADT, and
-//! a DSDT that declares only `\_S5` (soft off).
+//! The smallest ACPI that lets a Linux guest power off and reset: an RSDP, an XSDT listing a
+//! FADT and a MADT, and a DSDT with `\_S5` (soft off), COM1, a pvpanic device and `\_TTS`.
 //!
 //! Without ACPI (or APM) a Linux guest's `poweroff` ends in `machine_power_off()` with no
 //! power-off handler: the CPU halts and the VMM cannot tell it from an idle guest (Firecracker
 //! has this problem). Here the FADT is *hardware-reduced* (ACPI 6.4 §4.1) with the sleep
 //! control and status registers in port I/O ([`ACPI_SLEEP_CONTROL_PORT`]); Linux's
 //! `acpi_hw_extended_sleep()` powers off by writing `SLP_TYP(S5) | SLP_EN` there, which the
-//! [`crate::devices::power`] device turns into "guest powered off".
+//! [`crate::devices::power`] device turns into "guest powered off". The FADT's reset register
+//! is in the same block ([`ACPI_RESET_PORT`], used by Linux with `reboot=a`).
+//!
+//! The DSDT's `\_TTS` ("transition to state") method writes its argument to
+//! [`ACPI_SHUTDOWN_NOTICE_PORT`]. Linux evaluates `\_TTS(5)` from a reboot notifier
+//! (`tts_notify_reboot`, drivers/acpi/sleep.c) when an orderly restart, halt or power-off
+//! begins, and not on the emergency restart after a panic, so the VMM can tell a reboot from a
+//! panic that resets. `PEVT` is a pvpanic device (`QEMU0001`) at [`PVPANIC_PORT`].
 //!
 //! The XSDT also lists a MADT with one local APIC per vCPU and the I/O APIC: a kernel built
 //! without `CONFIG_X86_MPPARSE` (the Debian cloud kernel is one) ignores the MP table
@@ -15,8 +22,9 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::sys::{
-    ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, APIC_DEFAULT_PHYS_BASE,
-    IO_APIC_DEFAULT_PHYS_BASE,
+    ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SHUTDOWN_NOTICE_PORT,
+    ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, APIC_DEFAULT_PHYS_BASE, FADT_RESET_REG_SUP,
+    IO_APIC_DEFAULT_PHYS_BASE, PVPANIC_PORT,
 };
 
 /// Length of a system description table header (ACPI 6.4 §5.2.6).
@@ -47,6 +55,8 @@ const GAS_ACCESS_BYTE: u8 = 1;
 const FADT_DSDT: usize = 40;
 const FADT_IAPC_BOOT_ARCH: usize = 109;
 const FADT_FLAGS: usize = 112;
+const FADT_RESET_REG: usize = 116;
+const FADT_RESET_VALUE: usize = 128;
 const FADT_MINOR_VERSION: usize = 131;
 const FADT_X_DSDT: usize = 140;
 const FADT_SLEEP_CONTROL: usize = 244;
@@ -126,11 +136,108 @@ const AML_COM1: [u8; 39] = [
     0x79, 0x00, // EndTag
 ];
 
-/// The DSDT: `\_S5` and the COM1 device.
+/// AML encodings (ACPI 6.4 §20.2) for the few objects built here.
+mod aml {
+    /// `PkgLength` followed by `body`: one byte up to 63, two bytes up to 4095 (§20.2.4).
+    pub fn package(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(body.len() + 2);
+        if body.len() + 1 < 0x40 {
+            out.push((body.len() + 1) as u8);
+        } else {
+            let len = body.len() + 2;
+            assert!(len < 0x1000, "AML package too long");
+            out.push(0x40 | (len & 0xf) as u8);
+            out.push((len >> 4) as u8);
+        }
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// `Device (name) { body }`.
+    pub fn device(name: &[u8; 4], body: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x5b, 0x82]; // ExtOpPrefix, DeviceOp
+        out.extend(package(&[name.as_slice(), body].concat()));
+        out
+    }
+
+    /// `Name (name, object)`.
+    pub fn name(name: &[u8; 4], object: &[u8]) -> Vec<u8> {
+        [&[0x08], name.as_slice(), object].concat() // NameOp
+    }
+
+    /// A string constant.
+    pub fn string(s: &str) -> Vec<u8> {
+        [&[0x0d], s.as_bytes(), &[0]].concat() // StringPrefix, bytes, NUL
+    }
+
+    /// `ResourceTemplate () { IO (Decode16, port, port, 1, len) }` as a buffer.
+    pub fn io_resource(port: u16, len: u8) -> Vec<u8> {
+        let [lo, hi] = port.to_le_bytes();
+        let descriptors = [0x47, 0x01, lo, hi, lo, hi, 0x01, len, 0x79, 0x00]; // IO, EndTag
+        let mut body = vec![0x0a, descriptors.len() as u8]; // BytePrefix buffer size
+        body.extend_from_slice(&descriptors);
+        let mut out = vec![0x11]; // BufferOp
+        out.extend(package(&body));
+        out
+    }
+
+    /// `OperationRegion (name, SystemIO, port, len)`.
+    pub fn system_io_region(name: &[u8; 4], port: u16, len: u8) -> Vec<u8> {
+        let [lo, hi] = port.to_le_bytes();
+        // ExtOpPrefix, OpRegionOp, name, SystemIO, WordPrefix port, BytePrefix len.
+        [
+            &[0x5b, 0x80],
+            name.as_slice(),
+            &[0x01, 0x0b, lo, hi, 0x0a, len],
+        ]
+        .concat()
+    }
+
+    /// `Field (region, ByteAcc, NoLock, Preserve) { field, 8 }`.
+    pub fn byte_field(region: &[u8; 4], field: &[u8; 4]) -> Vec<u8> {
+        let body = [region.as_slice(), &[0x01], field.as_slice(), &[0x08]].concat();
+        let mut out = vec![0x5b, 0x81]; // ExtOpPrefix, FieldOp
+        out.extend(package(&body));
+        out
+    }
+
+    /// `Method (name, 1, NotSerialized) { Store (Arg0, target) }`.
+    pub fn method_store_arg0(name: &[u8; 4], target: &[u8; 4]) -> Vec<u8> {
+        // MethodFlags 1 (one argument), StoreOp, Arg0Op, target.
+        let body = [name.as_slice(), &[0x01, 0x70, 0x68], target.as_slice()].concat();
+        let mut out = vec![0x14]; // MethodOp
+        out.extend(package(&body));
+        out
+    }
+}
+
+/// `\PEVT`, a pvpanic device: `Device (PEVT) { Name (_HID, "QEMU0001") Name (_CRS,
+/// ResourceTemplate () { IO (Decode16, 0x505, 0x505, 1, 1) }) }`.
+pub fn aml_pvpanic() -> Vec<u8> {
+    let body = [
+        aml::name(b"_HID", &aml::string("QEMU0001")),
+        aml::name(b"_CRS", &aml::io_resource(PVPANIC_PORT as u16, 1)),
+    ]
+    .concat();
+    aml::device(b"PEVT", &body)
+}
+
+/// `\_TTS`: `OperationRegion (TTSR, SystemIO, 0x3c3, 1) Field (TTSR, ByteAcc, NoLock,
+/// Preserve) { TTSP, 8 } Method (_TTS, 1) { Store (Arg0, TTSP) }`.
+pub fn aml_tts() -> Vec<u8> {
+    [
+        aml::system_io_region(b"TTSR", ACPI_SHUTDOWN_NOTICE_PORT as u16, 1),
+        aml::byte_field(b"TTSR", b"TTSP"),
+        aml::method_store_arg0(b"_TTS", b"TTSP"),
+    ]
+    .concat()
+}
+
+/// The DSDT: `\_S5`, the COM1 device, the pvpanic device and `\_TTS`.
 pub fn dsdt() -> Vec<u8> {
-    let mut t = header(b"DSDT", HEADER_LEN + AML_S5.len() + AML_COM1.len(), 2);
-    t[HEADER_LEN..HEADER_LEN + AML_S5.len()].copy_from_slice(&AML_S5);
-    t[HEADER_LEN + AML_S5.len()..].copy_from_slice(&AML_COM1);
+    let body = [AML_S5.as_slice(), &AML_COM1, &aml_pvpanic(), &aml_tts()].concat();
+    let mut t = header(b"DSDT", HEADER_LEN + body.len(), 2);
+    t[HEADER_LEN..].copy_from_slice(&body);
     fix_checksum(&mut t, 9);
     t
 }
@@ -143,13 +250,16 @@ fn gas_io_byte(t: &mut [u8], at: usize, port: u64) {
     t[at + 4..at + 12].copy_from_slice(&port.to_le_bytes());
 }
 
-/// A hardware-reduced FADT pointing at the DSDT and at the sleep registers.
+/// A hardware-reduced FADT pointing at the DSDT, the sleep registers and the reset register.
 pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     let mut t = header(b"FACP", FADT_LEN, 6);
     t[FADT_DSDT..FADT_DSDT + 4].copy_from_slice(&(dsdt_addr as u32).to_le_bytes());
     t[FADT_IAPC_BOOT_ARCH..FADT_IAPC_BOOT_ARCH + 2]
         .copy_from_slice(&IAPC_VGA_NOT_PRESENT.to_le_bytes());
-    t[FADT_FLAGS..FADT_FLAGS + 4].copy_from_slice(&FADT_HW_REDUCED_ACPI.to_le_bytes());
+    t[FADT_FLAGS..FADT_FLAGS + 4]
+        .copy_from_slice(&(FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP).to_le_bytes());
+    gas_io_byte(&mut t, FADT_RESET_REG, ACPI_RESET_PORT);
+    t[FADT_RESET_VALUE] = ACPI_RESET_VALUE;
     t[FADT_MINOR_VERSION] = 4;
     t[FADT_X_DSDT..FADT_X_DSDT + 8].copy_from_slice(&dsdt_addr.to_le_bytes());
     gas_io_byte(&mut t, FADT_SLEEP_CONTROL, ACPI_SLEEP_CONTROL_PORT);
@@ -257,8 +367,53 @@ mod tests {
         );
         assert_eq!(f[FADT_SLEEP_CONTROL + 4], ACPI_SLEEP_CONTROL_PORT as u8);
         assert_eq!(&dsdt()[HEADER_LEN + 1..HEADER_LEN + 5], b"_S5_");
+        assert_eq!(f[FADT_RESET_REG + 4], ACPI_RESET_PORT as u8);
+        assert_eq!(f[FADT_RESET_VALUE], ACPI_RESET_VALUE);
+        let flags = u32::from_le_bytes(f[FADT_FLAGS..FADT_FLAGS + 4].try_into().unwrap());
+        assert_eq!(flags, FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP);
         // Header, LAPIC address and flags, 3 LAPICs, the I/O APIC and the NMI entry.
         assert_eq!(madt(3).len(), HEADER_LEN + 8 + 3 * 8 + 12 + 6);
+    }
+
+    /// The AML, byte for byte as `iasl` compiles the ASL in the doc comments.
+    #[test]
+    fn aml_objects_encode_as_asl_compiles_them() {
+        assert_eq!(
+            aml_pvpanic(),
+            [
+                &[0x5b, 0x82, 0x27][..],
+                b"PEVT",
+                &[0x08],
+                b"_HID",
+                &[0x0d],
+                b"QEMU0001\0",
+                &[0x08],
+                b"_CRS",
+                &[0x11, 0x0d, 0x0a, 0x0a, 0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01],
+                &[0x79, 0x00],
+            ]
+            .concat()
+        );
+        assert_eq!(
+            aml_tts(),
+            [
+                &[0x5b, 0x80][..],
+                b"TTSR",
+                &[0x01, 0x0b, 0xc3, 0x03, 0x0a, 0x01],
+                &[0x5b, 0x81, 0x0b],
+                b"TTSR",
+                &[0x01],
+                b"TTSP",
+                &[0x08],
+                &[0x14, 0x0c],
+                b"_TTS",
+                &[0x01, 0x70, 0x68],
+                b"TTSP",
+            ]
+            .concat()
+        );
+        let long = aml::package(&[0u8; 100]);
+        assert_eq!(&long[..2], &[0x40 | (102 & 0xf), 102 >> 4]);
     }
 
     #[test]

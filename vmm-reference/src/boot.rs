@@ -1,7 +1,7 @@
 //! Puts a guest into memory the way a boot loader would: the kernel (bzImage or ELF, with
 //! linux-loader), the command line, the initramfs at the top of low RAM, the ACPI and MP
-//! tables, and either the zero page with its e820 map (64-bit boot protocol) or the PVH start
-//! info with its memory map and module list.
+//! tables, a reset stub at the reset vector, and either the zero page with its e820 map
+//! (64-bit boot protocol) or the PVH start info with its memory map and module list.
 
 use std::fs::File;
 use std::io;
@@ -20,9 +20,9 @@ use crate::kernel_image::KernelFormat;
 use crate::memory::{self, E820Entry};
 use crate::regs::{self, EntryPoint};
 use crate::sys::{
-    ACPI_RSDP_ADDR, BOOT_FLAG_MAGIC, CMDLINE_ADDR, CMDLINE_MAX_LEN, HIMEM_START,
-    LOADER_TYPE_UNDEFINED, PVH_INFO_ADDR, SETUP_HEADER_MAGIC, STARTUP_64_OFFSET,
-    XEN_HVM_START_MAGIC_VALUE, ZERO_PAGE_ADDR,
+    ACPI_RSDP_ADDR, BOOT_FLAG_MAGIC, CMDLINE_ADDR, CMDLINE_MAX_LEN, HIMEM_START, I8042_CMD_RESET,
+    I8042_COMMAND_PORT, LOADER_TYPE_UNDEFINED, PVH_INFO_ADDR, RESET_VECTOR_ADDR,
+    SETUP_HEADER_MAGIC, STARTUP_64_OFFSET, XEN_HVM_START_MAGIC_VALUE, ZERO_PAGE_ADDR,
 };
 use crate::{acpi, mptable};
 
@@ -36,6 +36,20 @@ const PVH_MEMMAP_ENTRY_LEN: u64 = 24;
 const PVH_MODLIST_ENTRY_LEN: u64 = 32;
 /// Highest address the 64-bit protocol lets an initrd end at when the header gives none.
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+
+/// What a PC's firmware does at the reset vector, reduced to resetting: real-mode code that
+/// pulses the reset line through the i8042, which the VMM reports as a reset. Linux's default
+/// restart order on this (hardware-reduced ACPI) platform reaches it through
+/// `machine_real_restart(MRR_BIOS)`; without it the guest would run whatever bytes lie there.
+pub const RESET_VECTOR_STUB: [u8; 7] = [
+    0xb0,
+    I8042_CMD_RESET, // mov al, 0xfe
+    0xe6,
+    I8042_COMMAND_PORT, // out 0x64, al
+    0xf4,               // hlt
+    0xeb,
+    0xfd, // jmp short to the hlt
+];
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +124,9 @@ pub enum Error {
     /// The PVH start info could not be written.
     #[error("cannot write the PVH start info")]
     PvhInfo(#[source] vm_memory::GuestMemoryError),
+    /// The reset-vector stub could not be written.
+    #[error("cannot write the reset-vector stub at {RESET_VECTOR_ADDR:#x}")]
+    ResetVector(#[source] vm_memory::GuestMemoryError),
 }
 
 /// Result of this module.
@@ -164,6 +181,8 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &ValidConfig) -> Result<EntryPoint> {
     let rsdp = acpi::write_tables(mem, GuestAddress(ACPI_RSDP_ADDR), c.vcpus as u8)?;
     mptable::write(mem, c.vcpus as u8)?;
     regs::write_boot_tables(mem)?;
+    mem.write_slice(&RESET_VECTOR_STUB, GuestAddress(RESET_VECTOR_ADDR))
+        .map_err(Error::ResetVector)?;
     let e820 = memory::e820_map(cfg.mem_bytes());
 
     match (cfg.kernel_format(), loaded.pvh_boot_cap) {

@@ -151,6 +151,37 @@ pub const ACPI_SLEEP_TYPE_SHIFT: u8 = 2;
 pub const ACPI_SLEEP_TYPE_MASK: u8 = 0x7;
 /// The SLP_TYP value this VMM's DSDT declares for S5 (soft off).
 pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
+/// The ACPI reset register (the FADT's `RESET_REG`, this VMM's choice of port), after the
+/// sleep registers. Linux writes [`ACPI_RESET_VALUE`] there with `reboot=a`
+/// (`acpi_reboot()`, drivers/acpi/reboot.c).
+pub const ACPI_RESET_PORT: u64 = 0x3c2;
+/// The FADT's `RESET_VALUE`.
+pub const ACPI_RESET_VALUE: u8 = 0x42;
+/// Where the DSDT's `\_TTS` method writes its argument: Linux evaluates `\_TTS(5)` from a
+/// reboot notifier (`tts_notify_reboot`, drivers/acpi/sleep.c) at the start of every orderly
+/// restart, halt and power-off, and never on the emergency restart that follows a panic.
+pub const ACPI_SHUTDOWN_NOTICE_PORT: u64 = 0x3c3;
+/// The four ports from [`ACPI_SLEEP_CONTROL_PORT`]: sleep control, sleep status, reset,
+/// shutdown notice.
+pub const ACPI_PORTS: u64 = 4;
+/// FADT flag `RESET_REG_SUP` (bit 10): the reset register is valid.
+pub const FADT_RESET_REG_SUP: u32 = 1 << 10;
+/// The PC reset vector: a real-mode jump to `f000:fff0` lands here. Linux's default restart
+/// order on a hardware-reduced ACPI platform (`reboot_init()` picks `BOOT_EFI` when
+/// `efi_reboot_required()`, i.e. `acpi_gbl_reduced_hardware`) falls through EFI to
+/// `BOOT_BIOS`: `machine_real_restart(MRR_BIOS)` jumps here (arch/x86/kernel/reboot.c).
+pub const RESET_VECTOR_ADDR: u64 = 0xf_fff0;
+/// The 8042 command "pulse the reset line".
+pub const I8042_CMD_RESET: u8 = 0xfe;
+/// The 8042 command/status port.
+pub const I8042_COMMAND_PORT: u8 = 0x64;
+
+// ---- pvpanic (QEMU docs/specs/pvpanic.rst; Linux drivers/misc/pvpanic) ----
+
+/// The ISA pvpanic port QEMU uses and this VMM's DSDT declares as `QEMU0001`.
+pub const PVPANIC_PORT: u64 = 0x505;
+/// Event and capability bit: the guest panicked (`PVPANIC_PANICKED`).
+pub const PVPANIC_PANICKED: u8 = 1 << 0;
 
 // ---- MP specification 1.4 ----
 

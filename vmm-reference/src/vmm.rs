@@ -12,13 +12,14 @@
 //!    [`sync_regs::RegisterCache`] (the others wait for INIT/SIPI in the in-kernel LAPIC), IA32_FEATURE_CONTROL when nested VMX is exposed;
 //! 6. [`vcpu_runner::VmRunner`] runs one thread per vCPU.
 //!
-//! [`Vmm::run`] waits until the guest asks to power off or reset (through a device), a vCPU
-//! ends the VM (triple fault, KVM error), or SIGINT/SIGTERM arrives; then it stops every vCPU.
+//! [`Vmm::run`] waits until the guest asks to power off or reset or reports a panic (through a
+//! device), halts for good after announcing an orderly shutdown, a vCPU ends the VM (triple
+//! fault, KVM error), or a terminating signal arrives; then it stops every vCPU.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
@@ -36,14 +37,15 @@ use crate::config::ValidConfig;
 use crate::cpuid::{self, VcpuTopology};
 use crate::devices::i8042::I8042;
 use crate::devices::power::AcpiSleepRegisters;
+use crate::devices::pvpanic::PvPanic;
 use crate::devices::rtc::CmosRtc;
 use crate::devices::serial::{ConsoleOut, SerialConsole};
 use crate::devices::{GuestEnd, GuestRequest};
 use crate::regs::{self, EntryPoint};
 use crate::sys::{
-    self, ACPI_SLEEP_CONTROL_PORT, APIC_LVT0, APIC_LVT1, APIC_MODE_EXTINT, APIC_MODE_NMI,
-    CMOS_PORT, CMOS_PORTS, COM1_GSI, COM1_PORT, CPUID_1_ECX_VMX, I8042_PORT, I8042_PORTS,
-    KVM_TSS_ADDRESS, UART_REGISTERS,
+    self, ACPI_PORTS, ACPI_SLEEP_CONTROL_PORT, APIC_LVT0, APIC_LVT1, APIC_MODE_EXTINT,
+    APIC_MODE_NMI, CMOS_PORT, CMOS_PORTS, COM1_GSI, COM1_PORT, CPUID_1_ECX_VMX, I8042_PORT,
+    I8042_PORTS, KVM_TSS_ADDRESS, PVPANIC_PORT, UART_REGISTERS,
 };
 use crate::{boot, memory, terminal};
 
@@ -51,6 +53,11 @@ use crate::{boot, memory, terminal};
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// How long stopping the vCPUs may take.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long after announcing an orderly shutdown (ACPI `\_TTS`) a guest may take to power
+/// off or reset before it counts as halted for good. Linux's halt (`halt -f`) stops every CPU
+/// with interrupts off (`stop_this_cpu()`); with the in-kernel LAPIC such a vCPU never leaves
+/// `KVM_RUN`, so nothing else shows it.
+pub const HALT_GRACE: Duration = Duration::from_secs(10);
 
 /// Errors of building or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -168,8 +175,14 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum RunOutcome {
     /// The guest powered off (ACPI S5).
     PowerOff,
-    /// The guest reset the machine (i8042, or `KVM_SYSTEM_EVENT_RESET`).
+    /// The guest reset the machine after announcing an orderly shutdown (a reboot), or KVM
+    /// reported `KVM_SYSTEM_EVENT_RESET`.
     Reset,
+    /// The guest reset the machine without announcing a shutdown: Linux does that after a
+    /// panic (`panic=N`) and on an emergency restart (sysrq-b).
+    ResetWithoutShutdown,
+    /// The guest reported a panic through the pvpanic device.
+    Panicked,
     /// SIGINT or SIGTERM.
     Signal(i32),
     /// A vCPU triple-faulted.
@@ -181,20 +194,26 @@ pub enum RunOutcome {
     },
     /// The guest reported a crash through a system event.
     GuestCrash(String),
-    /// Every vCPU halted with nothing to wake it.
+    /// The guest announced an orderly shutdown and neither powered off nor reset within
+    /// [`HALT_GRACE`] (a halt), or KVM reported every vCPU halted for good.
     Halted,
     /// A vCPU failed (KVM error, unhandled exit); the message holds KVM's data and registers.
     VcpuError(String),
 }
 
 impl RunOutcome {
-    /// Exit status: 0 for a guest power-off or reset, 2 is left to usage errors, 3 for a
-    /// guest crash (triple fault, crash event, halted for good), 4 for a KVM or VMM error,
-    /// 128 + signal for SIGINT/SIGTERM as shells report it.
+    /// Exit status: 0 for a guest power-off or reboot, 2 is left to usage errors, 3 for a
+    /// guest crash (panic, reset without shutdown, triple fault, crash event, halted for
+    /// good), 4 for a KVM or VMM error, 128 + signal for a terminating signal as shells report
+    /// it.
     pub fn exit_code(&self) -> i32 {
         match self {
             RunOutcome::PowerOff | RunOutcome::Reset => 0,
-            RunOutcome::TripleFault { .. } | RunOutcome::GuestCrash(_) | RunOutcome::Halted => 3,
+            RunOutcome::ResetWithoutShutdown
+            | RunOutcome::Panicked
+            | RunOutcome::TripleFault { .. }
+            | RunOutcome::GuestCrash(_)
+            | RunOutcome::Halted => 3,
             RunOutcome::VcpuError(_) => 4,
             RunOutcome::Signal(s) => 128 + s,
         }
@@ -206,6 +225,10 @@ impl std::fmt::Display for RunOutcome {
         match self {
             RunOutcome::PowerOff => f.write_str("guest powered off"),
             RunOutcome::Reset => f.write_str("guest requested reset"),
+            RunOutcome::ResetWithoutShutdown => f.write_str(
+                "guest reset without an orderly shutdown (a kernel panic, or an emergency restart)",
+            ),
+            RunOutcome::Panicked => f.write_str("guest panicked (pvpanic)"),
             RunOutcome::Signal(s) => write!(f, "stopped by signal {s}"),
             RunOutcome::TripleFault { vcpu, dump } => {
                 write!(f, "guest triple fault on vCPU {vcpu}")?;
@@ -215,7 +238,11 @@ impl std::fmt::Display for RunOutcome {
                 }
             }
             RunOutcome::GuestCrash(what) => write!(f, "guest crashed: {what}"),
-            RunOutcome::Halted => f.write_str("all vCPUs halted with nothing to wake them"),
+            RunOutcome::Halted => write!(
+                f,
+                "guest halted: it began a shutdown and neither powered off nor reset within {} s",
+                HALT_GRACE.as_secs()
+            ),
             RunOutcome::VcpuError(e) => write!(f, "vCPU error: {e}"),
         }
     }
@@ -404,8 +431,16 @@ impl Vmm {
             .pio
             .insert(
                 ACPI_SLEEP_CONTROL_PORT,
-                2,
+                ACPI_PORTS,
                 Arc::new(Mutex::new(AcpiSleepRegisters::new(end.clone()))),
+            )
+            .map_err(Error::Bus)?;
+        buses
+            .pio
+            .insert(
+                PVPANIC_PORT,
+                1,
+                Arc::new(Mutex::new(PvPanic::new(end.clone()))),
             )
             .map_err(Error::Bus)?;
         let buses = Arc::new(buses);
@@ -509,12 +544,21 @@ impl Vmm {
     pub fn run(self) -> Result<RunOutcome> {
         terminal::install_termination_handlers().map_err(Error::Signals)?;
         self.runner.start().map_err(Error::Runner)?;
+        let mut halted = false;
         let signal = loop {
             if self.runner.wait(POLL_INTERVAL) || self.end.get().is_some() {
                 break None;
             }
             if let Some(s) = terminal::termination_signal() {
                 break Some(s);
+            }
+            if self
+                .end
+                .shutdown_noticed()
+                .is_some_and(|t| Instant::now().duration_since(t) >= HALT_GRACE)
+            {
+                halted = true;
+                break None;
             }
         };
         let outcome = self
@@ -526,11 +570,16 @@ impl Vmm {
         if let Some(request) = self.end.get() {
             return Ok(match request {
                 GuestRequest::PowerOff => RunOutcome::PowerOff,
-                GuestRequest::Reset => RunOutcome::Reset,
+                GuestRequest::Reset if self.end.shutdown_noticed().is_some() => RunOutcome::Reset,
+                GuestRequest::Reset => RunOutcome::ResetWithoutShutdown,
+                GuestRequest::Panic => RunOutcome::Panicked,
             });
         }
         if let Some(s) = signal {
             return Ok(RunOutcome::Signal(s));
+        }
+        if halted {
+            return Ok(RunOutcome::Halted);
         }
         Ok(match outcome {
             VmOutcome::Shutdown { .. } => RunOutcome::PowerOff,

@@ -1,6 +1,12 @@
-//! The ACPI hardware-reduced sleep control and status registers (ACPI 6.4 §4.8.3.7-8), in
-//! port I/O where this VMM's FADT points. A write of `SLP_EN` with `SLP_TYP` = the DSDT's S5
-//! value is the guest powering off.
+//! The ACPI registers of this VMM's hardware-reduced platform, four bytes of port I/O where
+//! the FADT and DSDT point:
+//!
+//! | offset | register | guest write that counts |
+//! |---|---|---|
+//! | 0 | sleep control (ACPI 6.4 §4.8.3.7) | `SLP_EN` with `SLP_TYP` = the DSDT's S5: power off |
+//! | 1 | sleep status (§4.8.3.8) | none; reads as zero |
+//! | 2 | reset register (FADT `RESET_REG`, §4.8.3.6) | `RESET_VALUE`: reset |
+//! | 3 | shutdown notice (the DSDT's `\_TTS` method writes its argument here) | any: the guest began an orderly restart, halt or power-off |
 
 use std::sync::Arc;
 
@@ -8,17 +14,23 @@ use vcpu_runner::BusDevice;
 
 use super::{GuestEnd, GuestRequest};
 use crate::sys::{
-    ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_ENABLE, ACPI_SLEEP_TYPE_MASK, ACPI_SLEEP_TYPE_SHIFT,
+    ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SHUTDOWN_NOTICE_PORT,
+    ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_ENABLE, ACPI_SLEEP_TYPE_MASK, ACPI_SLEEP_TYPE_SHIFT,
 };
 
-/// The two one-byte registers: control at offset 0, status at offset 1.
+/// Offset of the reset register from the sleep control register.
+const RESET_OFFSET: u64 = ACPI_RESET_PORT - ACPI_SLEEP_CONTROL_PORT;
+/// Offset of the shutdown-notice register from the sleep control register.
+const NOTICE_OFFSET: u64 = ACPI_SHUTDOWN_NOTICE_PORT - ACPI_SLEEP_CONTROL_PORT;
+
+/// The sleep control, sleep status, reset and shutdown-notice registers.
 #[derive(Debug)]
 pub struct AcpiSleepRegisters {
     end: Arc<GuestEnd>,
 }
 
 impl AcpiSleepRegisters {
-    /// Registers that report a power-off to `end`.
+    /// Registers that report a power-off, a reset and a shutdown notice to `end`.
     pub fn new(end: Arc<GuestEnd>) -> Self {
         Self { end }
     }
@@ -32,13 +44,19 @@ pub fn is_soft_off(value: u8) -> bool {
 
 impl BusDevice for AcpiSleepRegisters {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        // No wake events: status reads as zero; control is write-only.
+        // No wake events: status reads as zero; control, reset and notice are write-only.
         data.fill(0);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset == 0 && data.first().copied().is_some_and(is_soft_off) {
-            self.end.request(GuestRequest::PowerOff);
+        let Some(value) = data.first().copied() else {
+            return;
+        };
+        match offset {
+            0 if is_soft_off(value) => self.end.request(GuestRequest::PowerOff),
+            RESET_OFFSET if value == ACPI_RESET_VALUE => self.end.request(GuestRequest::Reset),
+            NOTICE_OFFSET => self.end.notice_shutdown(),
+            _ => {}
         }
     }
 }
@@ -60,5 +78,24 @@ mod tests {
         assert_eq!(d, [0]);
         dev.write(0, &[(5 << 2) | 0x20]);
         assert_eq!(end.get(), Some(GuestRequest::PowerOff));
+    }
+
+    #[test]
+    fn reset_register_needs_the_fadt_value() {
+        let end = Arc::new(GuestEnd::new());
+        let mut dev = AcpiSleepRegisters::new(end.clone());
+        dev.write(RESET_OFFSET, &[ACPI_RESET_VALUE ^ 1]);
+        assert_eq!(end.get(), None);
+        dev.write(RESET_OFFSET, &[ACPI_RESET_VALUE]);
+        assert_eq!(end.get(), Some(GuestRequest::Reset));
+    }
+
+    #[test]
+    fn tts_write_is_a_shutdown_notice_not_a_request() {
+        let end = Arc::new(GuestEnd::new());
+        let mut dev = AcpiSleepRegisters::new(end.clone());
+        dev.write(NOTICE_OFFSET, &[5]);
+        assert!(end.shutdown_noticed().is_some());
+        assert_eq!(end.get(), None);
     }
 }
