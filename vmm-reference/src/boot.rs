@@ -1,5 +1,6 @@
 //! Puts a guest into memory the way a boot loader would: the kernel (bzImage or ELF, with
-//! linux-loader), the command line, the initramfs at the top of low RAM, the ACPI and MP
+//! linux-loader), the command line, the initramfs at the top of low RAM (above the kernel's
+//! whole start-up footprint), the ACPI and MP
 //! tables, a reset stub at the reset vector, and either the zero page with its e820 map
 //! (64-bit boot protocol) or the PVH start info with its memory map and module list.
 
@@ -173,7 +174,9 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &ValidConfig) -> Result<EntryPoint> {
             mem,
             cfg,
             path,
-            loaded.kernel_end,
+            // Above everything the kernel occupies while it starts, not only above the
+            // loaded bytes: the decompressor would overwrite an initramfs in its range.
+            loaded.kernel_end.max(cfg.kernel_mem_end()),
             initrd_max,
         )?),
     };

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::kernel_image::{self, KernelFormat};
+use crate::kernel_image::{self, KernelFormat, KernelInfo};
 use crate::sys::{CMDLINE_MAX_LEN, MAX_VCPUS};
 
 /// The default kernel command line: serial console, reboot through the i8042 (which this VMM
@@ -15,9 +15,12 @@ use crate::sys::{CMDLINE_MAX_LEN, MAX_VCPUS};
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 /// Default guest memory.
 pub const DEFAULT_MEM_MIB: u64 = 256;
-/// The least memory accepted: the Debian cloud kernel needs about 40 MiB to decompress and run
-/// its init, so less fails late inside the guest instead of early here.
+/// The least memory accepted whatever the kernel, checked before the files are read; the
+/// minimum for the given kernel and initramfs ([`required_mem_bytes`]) is checked after.
 pub const MIN_MEM_MIB: u64 = 64;
+/// Memory a started Linux guest needs beyond its image and its initramfs to run a small
+/// init (page tables, slab, per-CPU areas, user space), in MiB.
+pub const RUNTIME_MARGIN_MIB: u64 = 32;
 /// The most memory accepted (64 GiB): guest RAM is one anonymous mapping per region.
 pub const MAX_MEM_MIB: u64 = 64 * 1024;
 
@@ -98,6 +101,23 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Less memory than this kernel and initramfs need ([`required_mem_bytes`]).
+    #[error(
+        "too little memory for this kernel and initramfs: {mem_mib} MiB, at least {min_mib} MiB \
+         needed (the kernel occupies memory up to {kernel_end:#x} while it starts, the \
+         initramfs of {initramfs_size} bytes is placed above that and unpacked, and the \
+         running kernel needs {RUNTIME_MARGIN_MIB} MiB more)"
+    )]
+    TooLittleMemoryForGuest {
+        /// What was asked.
+        mem_mib: u64,
+        /// The least that works.
+        min_mib: u64,
+        /// [`KernelInfo::mem_end`].
+        kernel_end: u64,
+        /// The initramfs size (0 without one).
+        initramfs_size: u64,
+    },
     /// The initramfs does not fit in guest memory.
     #[error(
         "initramfs {path} is larger than guest memory: {size} bytes, guest memory {mem_mib} MiB"
@@ -175,8 +195,20 @@ pub struct Overrides {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidConfig {
     config: VmConfig,
-    kernel_format: KernelFormat,
+    kernel: KernelInfo,
     initramfs_size: Option<u64>,
+}
+
+/// The guest memory a kernel and initramfs need: the kernel's footprint while it starts
+/// ([`KernelInfo::mem_end`], page-aligned), the initramfs placed above it (the VMM loads it
+/// there; inside the kernel's range the decompressor would overwrite it), the initramfs's
+/// size again for its unpacked copy (exact for an uncompressed cpio), and
+/// [`RUNTIME_MARGIN_MIB`].
+pub fn required_mem_bytes(kernel_mem_end: u64, initramfs_size: u64) -> u64 {
+    kernel_mem_end
+        .next_multiple_of(4096)
+        .saturating_add(initramfs_size.saturating_mul(2))
+        .saturating_add(RUNTIME_MARGIN_MIB << 20)
 }
 
 impl ValidConfig {
@@ -186,7 +218,11 @@ impl ValidConfig {
     }
     /// What the kernel file is.
     pub fn kernel_format(&self) -> KernelFormat {
-        self.kernel_format
+        self.kernel.format
+    }
+    /// The end of the memory the kernel occupies while it starts ([`KernelInfo::mem_end`]).
+    pub fn kernel_mem_end(&self) -> u64 {
+        self.kernel.mem_end
     }
     /// The initramfs size in bytes, if there is one.
     pub fn initramfs_size(&self) -> Option<u64> {
@@ -246,9 +282,9 @@ impl VmConfig {
     /// Checks the numbers first, then the files, and returns the proof of validity.
     pub fn validate(self) -> Result<ValidConfig> {
         self.check_values()?;
-        let kernel_format = File::open(&self.kernel)
+        let kernel = File::open(&self.kernel)
             .map_err(kernel_image::Error::Open)
-            .and_then(|mut f| KernelFormat::detect(&mut f))
+            .and_then(|mut f| KernelInfo::inspect(&mut f))
             .map_err(|source| Error::Kernel {
                 path: self.kernel.clone(),
                 source,
@@ -278,9 +314,18 @@ impl VmConfig {
                 Some(size)
             }
         };
+        let required = required_mem_bytes(kernel.mem_end, initramfs_size.unwrap_or(0));
+        if self.mem_mib << 20 < required {
+            return Err(Error::TooLittleMemoryForGuest {
+                mem_mib: self.mem_mib,
+                min_mib: required.div_ceil(1 << 20),
+                kernel_end: kernel.mem_end,
+                initramfs_size: initramfs_size.unwrap_or(0),
+            });
+        }
         Ok(ValidConfig {
             config: self,
-            kernel_format,
+            kernel,
             initramfs_size,
         })
     }
@@ -396,6 +441,46 @@ mod tests {
             config(1, 256).validate(),
             Err(Error::Kernel { .. })
         ));
+    }
+
+    #[test]
+    fn memory_is_checked_against_the_kernel_and_initramfs() {
+        let dir = std::env::temp_dir().join(format!("vmmref-mem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A bzImage header asking for init_size 0x337_8000 at pref_address 16 MiB.
+        let mut k = crate::kernel_image::tests::fake_bzimage(0x100, 5120);
+        k[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
+        k[0x260..0x264].copy_from_slice(&0x337_8000u32.to_le_bytes());
+        let kernel = dir.join("bzImage");
+        std::fs::write(&kernel, k).unwrap();
+        let initramfs = dir.join("initramfs");
+        std::fs::File::create(&initramfs)
+            .unwrap()
+            .set_len(3 << 20)
+            .unwrap();
+        let mut c = config(1, 64);
+        c.kernel = kernel.clone();
+        c.initramfs = Some(initramfs.clone());
+        // 67.47 MiB of kernel, 2 x 3 MiB of initramfs, 32 MiB to run: 105.47 -> 106 MiB.
+        let e = c.clone().validate().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::TooLittleMemoryForGuest {
+                    mem_mib: 64,
+                    min_mib: 106,
+                    kernel_end: 0x4378000,
+                    initramfs_size: 0x30_0000
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("at least 106 MiB"), "{e}");
+        c.mem_mib = 105;
+        assert!(c.clone().validate().is_err());
+        c.mem_mib = 106;
+        assert_eq!(c.validate().unwrap().kernel_mem_end(), 0x4378000);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     proptest! {

@@ -6,8 +6,8 @@
 use std::io::{self, Read, Seek, SeekFrom};
 
 use crate::sys::{
-    BOOT_FLAG_MAGIC, BOOT_FLAG_OFFSET, ELF_MAGIC, HEADER_MAGIC_OFFSET, SETUP_HEADER_MAGIC,
-    SETUP_SECTS_OFFSET, SYSSIZE_OFFSET, XLF_KERNEL_64,
+    BOOT_FLAG_MAGIC, BOOT_FLAG_OFFSET, ELF_MAGIC, HEADER_MAGIC_OFFSET, HIMEM_START,
+    SETUP_HEADER_MAGIC, SETUP_SECTS_OFFSET, SYSSIZE_OFFSET, XLF_KERNEL_64,
 };
 
 /// ELF64 header size.
@@ -28,6 +28,14 @@ const XLOADFLAGS_OFFSET: usize = 0x236;
 const MIN_PROTOCOL_VERSION: u16 = 0x020c;
 /// How much of the file the header checks read.
 const HEADER_READ_LEN: usize = 0x1000;
+/// Offset of `kernel_alignment` (protocol 2.05+).
+const KERNEL_ALIGNMENT_OFFSET: usize = 0x230;
+/// Offset of `pref_address` (protocol 2.10+): where a relocatable kernel decompresses itself
+/// at the lowest (`LOAD_PHYSICAL_ADDR`).
+const PREF_ADDRESS_OFFSET: usize = 0x258;
+/// Offset of `init_size` (protocol 2.10+): the memory the kernel needs from that address on
+/// until it has set up its own memory management.
+const INIT_SIZE_OFFSET: usize = 0x260;
 
 /// What is wrong with a kernel file.
 #[derive(Debug, thiserror::Error)]
@@ -80,9 +88,30 @@ pub enum KernelFormat {
     Elf,
 }
 
+/// What the headers of a kernel file say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelInfo {
+    /// The kind of file.
+    pub format: KernelFormat,
+    /// The end of the guest-physical memory the kernel occupies while it starts, when loaded
+    /// where this VMM loads it: for a bzImage, `init_size` bytes from where its 64-bit entry
+    /// decompresses it (`pref_address`, or the load address rounded up to
+    /// `kernel_alignment` if higher: `startup_64` in arch/x86/boot/compressed/head_64.S); for
+    /// an ELF vmlinux, the end of its highest loadable segment (`p_paddr + p_memsz`).
+    pub mem_end: u64,
+}
+
 impl KernelFormat {
     /// Reads the headers of `file` and checks that the file holds all they describe.
     pub fn detect<F: Read + Seek>(file: &mut F) -> Result<Self> {
+        KernelInfo::inspect(file).map(|i| i.format)
+    }
+}
+
+impl KernelInfo {
+    /// Reads the headers of `file`, checks that the file holds all they describe and says
+    /// how much memory the kernel occupies.
+    pub fn inspect<F: Read + Seek>(file: &mut F) -> Result<Self> {
         let len = file.seek(SeekFrom::End(0)).map_err(Error::Read)?;
         if len == 0 {
             return Err(Error::Empty);
@@ -93,9 +122,15 @@ impl KernelFormat {
             .read_to_end(&mut head)
             .map_err(Error::Read)?;
         if head.starts_with(&ELF_MAGIC) {
-            return check_elf(file, &head, len).map(|()| KernelFormat::Elf);
+            return check_elf(file, &head, len).map(|mem_end| KernelInfo {
+                format: KernelFormat::Elf,
+                mem_end,
+            });
         }
-        check_bzimage(&head, len).map(|()| KernelFormat::BzImage)
+        check_bzimage(&head, len).map(|mem_end| KernelInfo {
+            format: KernelFormat::BzImage,
+            mem_end,
+        })
     }
 }
 
@@ -109,7 +144,7 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
-fn check_bzimage(head: &[u8], len: u64) -> Result<()> {
+fn check_bzimage(head: &[u8], len: u64) -> Result<u64> {
     let (Some(flag), Some(magic)) = (
         u16_at(head, BOOT_FLAG_OFFSET),
         u32_at(head, HEADER_MAGIC_OFFSET),
@@ -140,10 +175,19 @@ fn check_bzimage(head: &[u8], len: u64) -> Result<()> {
             actual: len,
         });
     }
-    Ok(())
+    let alignment = u64::from(u32_at(head, KERNEL_ALIGNMENT_OFFSET).ok_or(Error::NotAKernel)?);
+    let pref_address = u64_at(head, PREF_ADDRESS_OFFSET).ok_or(Error::NotAKernel)?;
+    let init_size = u64::from(u32_at(head, INIT_SIZE_OFFSET).ok_or(Error::NotAKernel)?);
+    let loaded_end = HIMEM_START.saturating_add(syssize * 16);
+    let aligned_load = match alignment {
+        0 => HIMEM_START,
+        a => HIMEM_START.div_ceil(a).saturating_mul(a),
+    };
+    let decompress_at = aligned_load.max(pref_address);
+    Ok(decompress_at.saturating_add(init_size).max(loaded_end))
 }
 
-fn check_elf<F: Read + Seek>(file: &mut F, head: &[u8], len: u64) -> Result<()> {
+fn check_elf<F: Read + Seek>(file: &mut F, head: &[u8], len: u64) -> Result<u64> {
     if head.len() < ELF64_EHDR_LEN {
         return Err(Error::Truncated {
             expected: ELF64_EHDR_LEN as u64,
@@ -168,12 +212,16 @@ fn check_elf<F: Read + Seek>(file: &mut F, head: &[u8], len: u64) -> Result<()> 
     let mut phdrs = vec![0u8; (phnum * ELF64_PHDR_LEN) as usize];
     file.seek(SeekFrom::Start(phoff)).map_err(Error::Read)?;
     file.read_exact(&mut phdrs).map_err(Error::Read)?;
-    let mut loadable = false;
+    let mut mem_end = None;
     for ph in phdrs.chunks_exact(ELF64_PHDR_LEN as usize) {
         if u32_at(ph, 0) != Some(PT_LOAD) {
             continue;
         }
-        loadable = true;
+        let segment_end = u64_at(ph, 24)
+            .zip(u64_at(ph, 40))
+            .map(|(paddr, memsz)| paddr.saturating_add(memsz))
+            .unwrap_or(u64::MAX);
+        mem_end = Some(mem_end.unwrap_or(0).max(segment_end));
         let end = u64_at(ph, 8)
             .zip(u64_at(ph, 32))
             .map(|(off, filesz)| off.saturating_add(filesz))
@@ -185,10 +233,7 @@ fn check_elf<F: Read + Seek>(file: &mut F, head: &[u8], len: u64) -> Result<()> 
             });
         }
     }
-    if !loadable {
-        return Err(Error::UnsupportedElf("no loadable segment"));
-    }
-    Ok(())
+    mem_end.ok_or(Error::UnsupportedElf("no loadable segment"))
 }
 
 #[cfg(test)]
@@ -255,6 +300,44 @@ pub(crate) mod tests {
         let mut no64 = fake_bzimage(0x100, 5120);
         no64[XLOADFLAGS_OFFSET] = 0;
         assert!(matches!(detect(no64), Err(Error::No64BitEntry)));
+    }
+
+    #[test]
+    fn bzimage_memory_end_follows_the_decompression_address() {
+        let mut b = fake_bzimage(0x100, 5120);
+        let inspect = |b: &[u8]| KernelInfo::inspect(&mut Cursor::new(b.to_vec())).unwrap();
+        // No init_size (headers that leave it zero): the loaded bytes at 1 MiB.
+        assert_eq!(inspect(&b).mem_end, HIMEM_START + 0x1000);
+        b[KERNEL_ALIGNMENT_OFFSET..KERNEL_ALIGNMENT_OFFSET + 4]
+            .copy_from_slice(&0x20_0000u32.to_le_bytes());
+        b[INIT_SIZE_OFFSET..INIT_SIZE_OFFSET + 4].copy_from_slice(&0x337_8000u32.to_le_bytes());
+        // 1 MiB rounded up to the 2 MiB alignment.
+        assert_eq!(inspect(&b).mem_end, 0x20_0000 + 0x337_8000);
+        b[PREF_ADDRESS_OFFSET..PREF_ADDRESS_OFFSET + 8]
+            .copy_from_slice(&0x100_0000u64.to_le_bytes());
+        // The Debian 6.1 cloud kernel's values: 16 MiB + init_size = 67.47 MiB.
+        let info = inspect(&b);
+        assert_eq!(info.mem_end, 0x100_0000 + 0x337_8000);
+        assert_eq!(info.format, KernelFormat::BzImage);
+    }
+
+    #[test]
+    fn elf_memory_end_is_the_highest_segment_end() {
+        let mut b = elf(
+            64,
+            &[(PT_LOAD, 0x1000, 0x100), (PT_LOAD, 0x1100, 0x100)],
+            0x1200,
+        );
+        for (i, (paddr, memsz)) in [(0x100_0000u64, 0x2000u64), (0x200_0000, 0x5000)]
+            .iter()
+            .enumerate()
+        {
+            let p = 64 + i * 56;
+            b[p + 24..p + 32].copy_from_slice(&paddr.to_le_bytes());
+            b[p + 40..p + 48].copy_from_slice(&memsz.to_le_bytes());
+        }
+        let info = KernelInfo::inspect(&mut Cursor::new(b)).unwrap();
+        assert_eq!((info.format, info.mem_end), (KernelFormat::Elf, 0x200_5000));
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub mod config;
 pub mod cpuid;
 pub mod demo;
 pub mod devices;
+pub mod host;
 pub mod initramfs;
 pub mod kernel_image;
 pub mod memory;

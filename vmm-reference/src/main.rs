@@ -24,6 +24,7 @@ fn boot(args: &vmm_reference::cli::BootArgs) -> ExitCode {
     };
     let vmm = match Vmm::build(&config, Box::new(std::io::stdout())) {
         Ok(v) => v,
+        Err(e) if e.is_input_error() => return fail(EXIT_USAGE as u8, &e),
         Err(e) => return fail(EXIT_VMM_ERROR, &e),
     };
     // Restored when `terminal` drops, on every return below.

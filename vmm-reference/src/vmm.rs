@@ -65,6 +65,9 @@ pub enum Error {
     /// `/dev/kvm` could not be opened.
     #[error("cannot open /dev/kvm")]
     OpenKvm(#[source] kvm_ioctls::Error),
+    /// The host's KVM cannot run a Linux guest.
+    #[error("cannot boot a Linux guest here")]
+    HostUnsupported(#[source] crate::host::Unsupported),
     /// The host's KVM allows fewer vCPUs than configured.
     #[error("this KVM allows at most {max} vCPUs, {requested} configured")]
     TooManyVcpusForHost {
@@ -169,6 +172,24 @@ pub enum Error {
 
 /// Result of this module.
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Whether the error is in the user's input (the kernel, initramfs or command line that
+    /// validation could not fully check), which the VMM reports with exit status 2.
+    pub fn is_input_error(&self) -> bool {
+        matches!(
+            self,
+            Error::Boot(
+                boot::Error::OpenKernel { .. }
+                    | boot::Error::LoadKernel { .. }
+                    | boot::Error::Cmdline(_)
+                    | boot::Error::OpenInitramfs { .. }
+                    | boot::Error::InitramfsDoesNotFit { .. }
+                    | boot::Error::ReadInitramfs { .. }
+            )
+        )
+    }
+}
 
 /// How a VM run ended, and what the VMM's exit status is for it.
 #[derive(Debug)]
@@ -364,6 +385,8 @@ impl Vmm {
     pub fn build(cfg: &ValidConfig, out: ConsoleOut) -> Result<Self> {
         let c = cfg.config();
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        crate::host::check_vendor_module(std::path::Path::new("/sys/module"))
+            .map_err(Error::HostUnsupported)?;
         let max = kvm.get_max_vcpus();
         if c.vcpus as usize > max {
             return Err(Error::TooManyVcpusForHost {
