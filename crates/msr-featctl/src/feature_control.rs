@@ -604,6 +604,37 @@ mod tests {
         );
     }
 
+    #[test]
+    fn exposure_is_what_the_guest_asks_and_kvm_offers() {
+        // KVM_GET_SUPPORTED_CPUID without VMX is kvm_intel with nested=0 (vmx_set_cpu_caps)
+        // or a KVM without VMX at all.
+        let leaf1 = |ecx| kvm_cpuid_entry2 {
+            function: 1,
+            ecx,
+            ..Default::default()
+        };
+        let guest = CpuId::from_entries(&[leaf1(sys::CPUID_1_ECX_VMX)]).expect("cpuid");
+        let no_vmx = KvmSupport {
+            cpuid: CpuId::from_entries(&[leaf1(0)]).expect("cpuid"),
+            mce_cap: 0,
+        };
+        let e = GuestCpuidFeatures::exposed(&guest, sys::MCG_LMCE_P, &no_vmx);
+        assert_eq!(e.features, GuestCpuidFeatures::default());
+        assert_eq!(e.features.valid_bits(), FeatureControl::LOCKED);
+        assert_eq!(e.withheld, features(true, false, false, false, true));
+
+        let vmx = KvmSupport {
+            cpuid: CpuId::from_entries(&[leaf1(sys::CPUID_1_ECX_VMX)]).expect("cpuid"),
+            mce_cap: sys::MCG_LMCE_P,
+        };
+        let e = GuestCpuidFeatures::exposed(&guest, sys::MCG_LMCE_P, &vmx);
+        assert_eq!(e.features, features(true, false, false, false, true));
+        assert_eq!(e.withheld, GuestCpuidFeatures::default());
+        // Offered but not asked for: not exposed either.
+        let e = GuestCpuidFeatures::exposed(&CpuId::new(0).expect("empty"), 0, &vmx);
+        assert_eq!(e, Exposure::default());
+    }
+
     proptest! {
         #[test]
         fn host_write_accepts_exactly_the_supported_mask(value in any::<u64>()) {

@@ -140,6 +140,11 @@ impl<'a> ConfiguredVcpu<'a> {
     /// Sets `cpuid` on `vcpu` (`KVM_SET_CPUID2`) and, when `mcg_cap` is given,
     /// `KVM_X86_SETUP_MCE`; records what KVM will expose ([`GuestCpuidFeatures::exposed`]).
     ///
+    /// Capability bits of `mcg_cap` that KVM does not support are dropped before
+    /// `KVM_X86_SETUP_MCE`, which would refuse them with `EINVAL`
+    /// (`kvm_vcpu_ioctl_x86_setup_mce` accepts only `supported_mce_cap`, the bank count in
+    /// bits 7:0 and bits 23:16); they appear in [`Exposure::withheld`].
+    ///
     /// # Errors
     ///
     /// [`Error::SetCpuid`] or [`Error::SetupMce`] with the errno.
@@ -150,7 +155,8 @@ impl<'a> ConfiguredVcpu<'a> {
         support: &KvmSupport,
     ) -> Result<Self> {
         vcpu.set_cpuid2(cpuid).map_err(Error::SetCpuid)?;
-        if let Some(mcg_cap) = mcg_cap {
+        if let Some(asked) = mcg_cap {
+            let mcg_cap = asked & (support.mce_cap | 0xff | 0x00ff_0000);
             // SAFETY: KVM_X86_SETUP_MCE reads one u64 through the pointer, which points to
             // `mcg_cap`, alive for the call; `vcpu` is a vCPU fd.
             let ret = unsafe {

@@ -629,6 +629,44 @@ fn native_path_on_a_configured_vcpu(kvm: &Kvm) -> TestResult {
     Ok(())
 }
 
+/// The features the crate derives are what KVM exposes: a guest CPUID asking for VMX and an
+/// MCG_CAP asking for LMCE get them only where `KVM_GET_SUPPORTED_CPUID` and
+/// `KVM_X86_GET_MCE_CAP_SUPPORTED` offer them, and the CPUID set is the one KVM holds.
+fn configured_vcpu_exposes_what_kvm_supports(kvm: &Kvm) -> TestResult {
+    let support = KvmSupport::query(kvm)?;
+    let offered = GuestCpuidFeatures::from_cpuid(&support.cpuid, support.mce_cap);
+    let mut asked = support.cpuid.clone();
+    for e in asked.as_mut_slice() {
+        if e.function == 1 {
+            e.ecx |= 1 << 5; // VMX
+        }
+    }
+    let mcg_cap = kvm
+        .check_extension(Cap::Mce)
+        .then_some((support.mce_cap & !0xff) | msr_featctl::sys::MCG_LMCE_P | 10);
+    let guest = plain_guest(kvm, &asm::HLT)?;
+    let configured = ConfiguredVcpu::configure(&guest.vcpu, &asked, mcg_cap, &support)?;
+    let exposure = configured.exposure();
+    eprintln!("offered {offered:?}, exposure {exposure:?}");
+    ensure!(
+        exposure.features.vmx == offered.vmx && exposure.withheld.vmx != offered.vmx,
+        "VMX: {exposure:?}"
+    );
+    if mcg_cap.is_some() {
+        ensure!(
+            exposure.features.lmce == offered.lmce && exposure.withheld.lmce != offered.lmce,
+            "LMCE: {exposure:?}"
+        );
+    }
+    let held = guest.vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)?;
+    let leaf1 = held.as_slice().iter().find(|e| e.function == 1);
+    ensure!(
+        leaf1.is_some_and(|e| e.ecx & (1 << 5) != 0),
+        "KVM_GET_CPUID2 leaf 1: {leaf1:?}"
+    );
+    Ok(())
+}
+
 /// An MSR no KVM knows, used for UNKNOWN exits.
 const MSR_NONEXISTENT: u32 = 0x474f_4f00;
 
@@ -955,6 +993,10 @@ fn main() {
         KvmTest::new(
             "probe_leaves_the_xstate_guest_permission_alone",
             probe_leaves_the_xstate_guest_permission_alone,
+        ),
+        KvmTest::new(
+            "configured_vcpu_exposes_what_kvm_supports",
+            configured_vcpu_exposes_what_kvm_supports,
         ),
         KvmTest::new(
             "native_path_on_a_configured_vcpu",
