@@ -25,6 +25,7 @@ use serde::Deserialize;
 
 use crate::coverage;
 use crate::l1;
+use crate::minimal_versions;
 
 /// Errors from `cargo xtask ci`.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +50,9 @@ pub enum Error {
     /// `cargo metadata` printed something unexpected.
     #[error("cannot read the workspace members from `cargo metadata`")]
     Metadata(#[source] serde_json::Error),
+    /// The minimal-versions build failed or could not run.
+    #[error(transparent)]
+    MinimalVersions(#[from] minimal_versions::Error),
     /// The coverage gate failed or could not run.
     #[error(transparent)]
     Coverage(#[from] coverage::Error),
@@ -179,6 +183,12 @@ pub fn run(workspace: &Path) -> Result<()> {
         timings.push((name.to_owned(), step.elapsed()));
     }
 
+    let libraries: Vec<&Member> = members.iter().filter(|m| m.publish).collect();
+    let step = Instant::now();
+    banner("package");
+    package(workspace, &libraries)?;
+    timings.push(("package".into(), step.elapsed()));
+
     let mut tiers: BTreeMap<Tier, Tally> = BTreeMap::new();
     for tier in [Tier::Unit, Tier::KvmLocal] {
         let step = Instant::now();
@@ -205,6 +215,11 @@ pub fn run(workspace: &Path) -> Result<()> {
     }
 
     let step = Instant::now();
+    banner("examples");
+    examples(workspace, &libraries)?;
+    timings.push(("examples".into(), step.elapsed()));
+
+    let step = Instant::now();
     banner("tier kvm-nested");
     let xtask = std::env::current_exe().map_err(|source| Error::Spawn {
         step: "kvm-nested".into(),
@@ -220,6 +235,11 @@ pub fn run(workspace: &Path) -> Result<()> {
     )?;
     tiers.insert(Tier::KvmNested, tally);
     timings.push(("tier kvm-nested".into(), step.elapsed()));
+
+    let step = Instant::now();
+    banner("minimal-versions");
+    minimal_versions::run(workspace)?;
+    timings.push(("minimal-versions".into(), step.elapsed()));
 
     let step = Instant::now();
     banner("coverage");
@@ -271,6 +291,58 @@ pub fn run(workspace: &Path) -> Result<()> {
         "ci: {} passed, {} failed, {} skipped",
         total.passed, total.failed, total.skipped
     );
+    Ok(())
+}
+
+/// `cargo package` (with its build of each packaged crate) and `cargo publish --dry-run` for
+/// the publishable crates, together, so that their dependencies on each other resolve.
+fn package(workspace: &Path, libraries: &[&Member]) -> Result<()> {
+    let selection: Vec<&str> = libraries
+        .iter()
+        .flat_map(|m| ["--package", m.name.as_str()])
+        .collect();
+    let mut command = cargo(workspace);
+    command
+        .args(["package", "--locked", "--allow-dirty"])
+        .args(&selection);
+    run_plain("cargo package", &mut command)?;
+    let mut command = cargo(workspace);
+    command
+        .args([
+            "publish",
+            "--dry-run",
+            "--locked",
+            "--allow-dirty",
+            "--no-verify",
+        ])
+        .args(&selection);
+    run_plain("cargo publish --dry-run", &mut command)
+}
+
+/// Runs every example of the publishable crates on this machine's `/dev/kvm`; measurement
+/// reports (`*_report`) are left to their README's `--release` command.
+fn examples(workspace: &Path, libraries: &[&Member]) -> Result<()> {
+    for member in libraries {
+        for example in &member.examples {
+            if example.ends_with("_report") {
+                println!("examples: {}::{example} not run here: a measurement, run it with --release as its README says", member.name);
+                continue;
+            }
+            println!("examples: {}::{example}", member.name);
+            let mut command = cargo(workspace);
+            command
+                .args([
+                    "run",
+                    "--locked",
+                    "--package",
+                    &member.name,
+                    "--example",
+                    example,
+                ])
+                .env("REQUIRE_KVM", "1");
+            run_plain(&format!("example {}::{example}", member.name), &mut command)?;
+        }
+    }
     Ok(())
 }
 
@@ -353,6 +425,10 @@ fn run_tests(
 struct Member {
     name: String,
     kinds: Vec<String>,
+    /// Whether it may be published (no `publish = false`): a library crate for users.
+    publish: bool,
+    /// Its example targets.
+    examples: Vec<String>,
 }
 
 impl Member {
@@ -390,10 +466,13 @@ struct Metadata {
 struct MetaPackage {
     name: String,
     targets: Vec<MetaTarget>,
+    /// `null` when any registry may have it, `[]` for `publish = false`.
+    publish: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
 struct MetaTarget {
+    name: String,
     kind: Vec<String>,
 }
 
@@ -416,6 +495,13 @@ fn workspace_members(workspace: &Path) -> Result<Vec<Member>> {
         .into_iter()
         .map(|p| Member {
             name: p.name,
+            publish: p.publish.is_none_or(|registries| !registries.is_empty()),
+            examples: p
+                .targets
+                .iter()
+                .filter(|t| t.kind.iter().any(|k| k == "example"))
+                .map(|t| t.name.clone())
+                .collect(),
             kinds: p.targets.into_iter().flat_map(|t| t.kind).collect(),
         })
         .collect())
@@ -507,6 +593,8 @@ mod tests {
         let lib_only = Member {
             name: "x".into(),
             kinds: vec!["lib".into()],
+            publish: true,
+            examples: Vec::new(),
         };
         assert_eq!(lib_only.unit_test_targets(), Some(vec!["--lib"]));
         assert_eq!(lib_only.doc_test_targets(), Some(vec!["--doc"]));
@@ -514,6 +602,8 @@ mod tests {
         let bin_with_tests = Member {
             name: "y".into(),
             kinds: vec!["bin".into(), "test".into()],
+            publish: false,
+            examples: Vec::new(),
         };
         assert_eq!(bin_with_tests.unit_test_targets(), Some(vec!["--bins"]));
         assert_eq!(bin_with_tests.doc_test_targets(), None);

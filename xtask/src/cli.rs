@@ -37,6 +37,9 @@ pub enum Task {
     NestedTests(NestedTestsArgs),
     /// Print the path of the cached L1 kernel (bzImage), fetching it if missing.
     NestedKernel,
+    /// Build and unit-test the publishable crates against the lowest dependency versions
+    /// their requirements allow (in a copy of the workspace).
+    MinimalVersions,
     /// Soak the nested test host: many guest boots and runs of the KVM test binaries in one
     /// L1 boot, counting the times L1 froze and where.
     NestedSoak(SoakArgs),

@@ -36,6 +36,7 @@ pub mod guest;
 pub mod image;
 pub mod init_script;
 pub mod l1;
+pub mod minimal_versions;
 pub mod nested;
 pub mod nested_soak;
 pub mod nested_tests;

@@ -42,6 +42,10 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Task::MinimalVersions => match xtask::minimal_versions::run(&xtask::workspace_root()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
         Task::NestedKernel => match debian::KernelCache::new(&cache_dir).get_or_fetch() {
             Ok(kernel) => {
                 println!("{}", kernel.vmlinuz.display());
