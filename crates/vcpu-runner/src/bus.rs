@@ -181,6 +181,26 @@ impl Bus {
     /// Registers `device` for `[base, base + len)`. Refuses an empty range, one past the end
     /// of the address space, and one that overlaps a registered range.
     ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use vcpu_runner::bus::Error;
+    /// use vcpu_runner::{BusDevice, Buses};
+    ///
+    /// struct Nop;
+    /// impl BusDevice for Nop {
+    ///     fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
+    ///     fn write(&mut self, _offset: u64, _data: &[u8]) {}
+    /// }
+    ///
+    /// let mut buses = Buses::new();
+    /// buses.pio.insert(0x3f8, 8, Arc::new(Mutex::new(Nop)))?;
+    /// let overlap = buses.pio.insert(0x3fc, 8, Arc::new(Mutex::new(Nop)));
+    /// assert!(matches!(overlap, Err(Error::Overlap { .. })));
+    /// let past_the_end = buses.pio.insert(0xfff0, 0x20, Arc::new(Mutex::new(Nop)));
+    /// assert!(matches!(past_the_end, Err(Error::InvalidRange { .. })));
+    /// # Ok::<(), Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidRange`] for an empty range or one past the end of the space;

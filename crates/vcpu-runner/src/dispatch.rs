@@ -138,6 +138,13 @@ pub enum SystemEvent {
 
 impl SystemEvent {
     /// Decodes `kvm_run.system_event`.
+    ///
+    /// ```
+    /// use vcpu_runner::SystemEvent;
+    ///
+    /// assert_eq!(SystemEvent::from_raw(kvm_bindings::KVM_SYSTEM_EVENT_RESET, &[]), SystemEvent::Reset);
+    /// assert_eq!(SystemEvent::from_raw(99, &[1]), SystemEvent::Other { kind: 99, data: vec![1] });
+    /// ```
     pub fn from_raw(kind: u32, data: &[u64]) -> Self {
         match kind {
             KVM_SYSTEM_EVENT_SHUTDOWN => SystemEvent::Shutdown,
@@ -299,6 +306,32 @@ impl ExitRecord {
 
 /// Dispatches one exit: answers I/O, MMIO and MSR exits in place (filling `in` and MMIO read
 /// data, MSR read data and the MSR `error` flag in `kvm_run`) and classifies the rest.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use kvm_ioctls::VcpuExit;
+/// use vcpu_runner::{dispatch, BusDevice, Buses, ExitOutcome, ExitStats, NoMsrs};
+///
+/// struct Answer42;
+/// impl BusDevice for Answer42 {
+///     fn read(&mut self, _offset: u64, data: &mut [u8]) {
+///         data.fill(42);
+///     }
+///     fn write(&mut self, _offset: u64, _data: &[u8]) {}
+/// }
+///
+/// let mut buses = Buses::new();
+/// buses.pio.insert(0x60, 1, Arc::new(Mutex::new(Answer42)))?;
+/// let mut stats = ExitStats::default();
+/// let mut data = [0u8; 1];
+/// let outcome = dispatch(&mut VcpuExit::IoIn(0x60, &mut data), &buses, &mut NoMsrs, &mut stats);
+/// assert_eq!((outcome, data), (ExitOutcome::Continue, [42]));
+/// // Nobody decodes port 0x61: the guest reads all ones, and the access is counted.
+/// dispatch(&mut VcpuExit::IoIn(0x61, &mut data), &buses, &mut NoMsrs, &mut stats);
+/// assert_eq!((data, stats.unclaimed_pio), ([0xff], 1));
+/// assert_eq!(dispatch(&mut VcpuExit::Shutdown, &buses, &mut NoMsrs, &mut stats), ExitOutcome::TripleFault);
+/// # Ok::<(), vcpu_runner::bus::Error>(())
+/// ```
 pub fn dispatch(
     exit: &mut VcpuExit<'_>,
     buses: &Buses,
