@@ -617,6 +617,10 @@ mod tests {
         XFeatureSet::from_bits(bits)
     }
 
+    /// Models `__kvm_set_xcr` (XCR0), `kvm_set_msr_common` for `MSR_IA32_XFD` and
+    /// `MSR_IA32_XFD_ERR` (`kvm_guest_supported_xfd`), arch/x86/kvm/x86.c, 5.17 to 6.18, and
+    /// the XSTATE_BV/XFD rule of "x86/fpu: Clear XSTATE_BV[i] in guest XSAVE state whenever
+    /// XFD[i]=1" (December 2025).
     #[test]
     fn restore_rules_follow_kvm() {
         let amx_guest = set(0x602e7);
