@@ -1,10 +1,13 @@
-//! The host side of the console: the terminal mode while a guest runs, and SIGINT/SIGTERM.
+//! The host side of the console: the terminal mode while a guest runs, and the signals that
+//! end the VMM.
 //!
 //! When stdin is a terminal it is put in a raw-ish mode (no line buffering, no echo, no
 //! input translation) so that keys reach the guest as typed, but `ISIG` stays on: Ctrl-C
-//! still raises SIGINT in the VMM, which ends it cleanly. [`RawTerminal`] restores the saved
-//! mode when dropped, so every exit path of `main` (return, error, unwinding panic) leaves the
-//! terminal as it was.
+//! (SIGINT) and Ctrl-\ (SIGQUIT) still signal the VMM. Every signal in
+//! [`TERMINATION_SIGNALS`] is recorded by a handler instead of killing the process, so the VMM
+//! stops its vCPUs and returns through `main`; [`RawTerminal`] restores the saved mode when
+//! dropped, so every such exit path (return, error, unwinding panic) leaves the terminal as it
+//! was. SIGKILL cannot be caught: after it the terminal stays raw (`stty sane` fixes it).
 
 use std::io;
 use std::os::fd::RawFd;
@@ -12,6 +15,22 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The signal that asked the VMM to stop, or 0.
 static TERMINATION_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// The signals that end the VMM cleanly: interrupt, terminate, hang-up (the terminal went
+/// away) and quit (Ctrl-\, which raw mode keeps). The exit status is 128 + the signal.
+pub const TERMINATION_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// The usual name of a signal in [`TERMINATION_SIGNALS`].
+pub fn signal_name(signal: libc::c_int) -> &'static str {
+    match signal {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGQUIT => "SIGQUIT",
+        _ => "a signal",
+    }
+}
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -122,10 +141,10 @@ extern "C" fn record_signal(signal: libc::c_int) {
     TERMINATION_SIGNAL.store(signal, Ordering::SeqCst);
 }
 
-/// Makes SIGINT and SIGTERM record themselves for [`termination_signal`] instead of killing
-/// the process, so the VMM can stop its vCPUs and restore the terminal.
+/// Makes every signal in [`TERMINATION_SIGNALS`] record itself for [`termination_signal`]
+/// instead of killing the process, so the VMM can stop its vCPUs and restore the terminal.
 pub fn install_termination_handlers() -> Result<()> {
-    for signal in [libc::SIGINT, libc::SIGTERM] {
+    for signal in TERMINATION_SIGNALS {
         // SAFETY: an all-zero sigaction is a valid starting value (empty mask, no flags).
         let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
         action.sa_sigaction = record_signal as extern "C" fn(libc::c_int) as usize;
@@ -141,7 +160,7 @@ pub fn install_termination_handlers() -> Result<()> {
     Ok(())
 }
 
-/// The SIGINT or SIGTERM received since the handlers were installed, if any.
+/// The terminating signal received since the handlers were installed, if any.
 pub fn termination_signal() -> Option<i32> {
     match TERMINATION_SIGNAL.load(Ordering::SeqCst) {
         0 => None,
@@ -176,8 +195,44 @@ mod tests {
     #[test]
     fn handlers_record_the_signal() {
         install_termination_handlers().unwrap();
-        record_signal(libc::SIGTERM);
-        assert_eq!(termination_signal(), Some(libc::SIGTERM));
-        TERMINATION_SIGNAL.store(0, Ordering::SeqCst);
+        for signal in TERMINATION_SIGNALS {
+            // SAFETY: raise sends a signal to this thread; the handler installed above only
+            // stores to an atomic.
+            assert_eq!(unsafe { libc::raise(signal) }, 0);
+            assert_eq!(termination_signal(), Some(signal));
+            assert_ne!(signal_name(signal), "a signal");
+            TERMINATION_SIGNAL.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// The raw mode is undone on drop: a pseudo-terminal's mode is back as it was.
+    #[test]
+    fn drop_restores_the_terminal() {
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: openpty writes two fds into the integers; the name, termios and winsize
+        // pointers may be null.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", io::Error::last_os_error());
+        let before = get_attr(slave).unwrap();
+        let raw = RawTerminal::enter_if_tty(slave).unwrap().unwrap();
+        assert_eq!(get_attr(slave).unwrap().c_lflag & libc::ICANON, 0);
+        drop(raw);
+        let after = get_attr(slave).unwrap();
+        assert_eq!(
+            (after.c_lflag, after.c_iflag),
+            (before.c_lflag, before.c_iflag)
+        );
+        for fd in [master, slave] {
+            // SAFETY: the fds came from openpty and are closed once.
+            unsafe { libc::close(fd) };
+        }
     }
 }

@@ -39,7 +39,7 @@ use crate::devices::i8042::I8042;
 use crate::devices::power::AcpiSleepRegisters;
 use crate::devices::pvpanic::PvPanic;
 use crate::devices::rtc::CmosRtc;
-use crate::devices::serial::{ConsoleOut, SerialConsole};
+use crate::devices::serial::{ConsoleOut, ConsoleOutput, SerialConsole};
 use crate::devices::{GuestEnd, GuestRequest};
 use crate::regs::{self, EntryPoint};
 use crate::sys::{
@@ -162,6 +162,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The console output thread could not start.
+    #[error("cannot start the console output thread")]
+    ConsoleOutput(#[source] io::Error),
     /// The console input thread could not start.
     #[error("cannot start the console input thread")]
     ConsoleInput(#[source] io::Error),
@@ -204,7 +207,7 @@ pub enum RunOutcome {
     ResetWithoutShutdown,
     /// The guest reported a panic through the pvpanic device.
     Panicked,
-    /// SIGINT or SIGTERM.
+    /// A terminating signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT).
     Signal(i32),
     /// A vCPU triple-faulted.
     TripleFault {
@@ -250,7 +253,9 @@ impl std::fmt::Display for RunOutcome {
                 "guest reset without an orderly shutdown (a kernel panic, or an emergency restart)",
             ),
             RunOutcome::Panicked => f.write_str("guest panicked (pvpanic)"),
-            RunOutcome::Signal(s) => write!(f, "stopped by signal {s}"),
+            RunOutcome::Signal(s) => {
+                write!(f, "stopped by {} (signal {s})", terminal::signal_name(*s))
+            }
             RunOutcome::TripleFault { vcpu, dump } => {
                 write!(f, "guest triple fault on vCPU {vcpu}")?;
                 match dump {
@@ -326,6 +331,7 @@ pub struct Vmm {
     runner: VmRunner,
     end: Arc<GuestEnd>,
     serial: Arc<Mutex<SerialConsole>>,
+    console: ConsoleOutput,
     diagnostics: Vec<DiagnosticFd>,
     // Kept alive for the VM's lifetime: memory, the VM fd and the irqfd.
     _memory: GuestMemoryMmap,
@@ -429,9 +435,10 @@ impl Vmm {
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm.register_irqfd(&serial_irq, COM1_GSI)
             .map_err(vm_ioctl("KVM_IRQFD"))?;
+        let (console, console_writer) = ConsoleOutput::spawn(out).map_err(Error::ConsoleOutput)?;
         let serial = Arc::new(Mutex::new(SerialConsole::new(
             serial_irq.try_clone().map_err(Error::EventFd)?,
-            out,
+            Box::new(console_writer),
         )));
         let mut buses = Buses::new();
         buses
@@ -549,6 +556,7 @@ impl Vmm {
             runner,
             end,
             serial,
+            console,
             diagnostics,
             _memory: mem,
             _vm: vm,
@@ -563,7 +571,9 @@ impl Vmm {
             .map_err(Error::ConsoleInput)
     }
 
-    /// Runs the guest until it ends, a vCPU fails, or SIGINT/SIGTERM arrives.
+    /// Runs the guest until it ends, a vCPU fails, or a terminating signal arrives. After a
+    /// guest ending the queued console output is written out first (unless a signal arrives
+    /// meanwhile); after a signal it is not waited for.
     pub fn run(self) -> Result<RunOutcome> {
         terminal::install_termination_handlers().map_err(Error::Signals)?;
         self.runner.start().map_err(Error::Runner)?;
@@ -584,10 +594,16 @@ impl Vmm {
                 break None;
             }
         };
+        // A vCPU waiting for room on a console that does not drain must not hold up the stop.
+        self.console.stop_waiting();
         let outcome = self
             .runner
             .shutdown(SHUTDOWN_TIMEOUT)
             .map_err(Error::Runner)?;
+        if signal.is_none() {
+            self.console
+                .drain(POLL_INTERVAL, || terminal::termination_signal().is_some());
+        }
         // A device request came first: the guest's fallbacks after it (another reset
         // method, a triple fault) do not change what it asked for.
         if let Some(request) = self.end.get() {

@@ -1,10 +1,20 @@
 //! COM1: vm-superio's 16550 UART at 0x3f8. Its interrupt line is an `EventFd` registered with
-//! `KVM_IRQFD` on GSI 4, so raising the IRQ never leaves the kernel's irqchip path; guest output
-//! goes to a writer that is flushed after every byte the guest sends, and host input reaches the
-//! receive FIFO through [`forward_input`].
+//! `KVM_IRQFD` on GSI 4, so raising the IRQ never leaves the kernel's irqchip path.
+//!
+//! Guest output goes through a [`ConsoleOutput`]: a bounded queue that a thread of its own
+//! writes to the host (stdout), so that a host console that blocks (a full pipe nobody reads)
+//! holds back the guest only while the VM runs, and never the VMM's exit, and a closed one
+//! (EPIPE) ends the output quietly while the guest runs on.
+//!
+//! Host input reaches the receive FIFO through [`forward_input`], and only while the guest's
+//! driver listens (receive-data interrupt enabled, not in loopback): Linux's 8250 driver
+//! clears the FIFO and reads the receive register while it starts the port
+//! (`serial8250_do_startup`) and enables the receive interrupt only afterwards (from
+//! `set_termios`), so input queued earlier would be lost.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -15,6 +25,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// How long the input thread waits for the guest to drain a full receive FIFO.
 const FIFO_FULL_BACKOFF: Duration = Duration::from_millis(5);
+/// How much guest output may wait for the host console before the guest is held back.
+const OUTPUT_QUEUE_BYTES: usize = 64 * 1024;
+/// UART register offsets and bits this module looks at (16550 data sheet).
+const IER: u64 = 1;
+const LCR: u64 = 3;
+const MCR: u64 = 4;
+const IER_RDI: u8 = 0x01;
+const LCR_DLAB: u8 = 0x80;
+const MCR_LOOP: u8 = 0x10;
 
 /// Raises the UART's interrupt by signalling an eventfd bound to a GSI with irqfd.
 #[derive(Debug)]
@@ -51,9 +70,137 @@ impl<W: Write> Write for Flushing<W> {
 /// Where guest output goes.
 pub type ConsoleOut = Box<dyn Write + Send>;
 
+#[derive(Debug, Default)]
+struct OutputState {
+    queue: VecDeque<u8>,
+    /// The writer thread holds bytes it took from the queue and has not written yet.
+    writing: bool,
+    /// The host console failed (EPIPE or another error): output is discarded.
+    closed: bool,
+    /// The VM is being stopped: writes no longer wait for room.
+    stopping: bool,
+}
+
+#[derive(Debug, Default)]
+struct OutputShared {
+    state: Mutex<OutputState>,
+    /// Signalled when bytes arrive or the VM stops (writer thread waits on it).
+    data: Condvar,
+    /// Signalled when room is made or output ends (vCPUs wait on it).
+    room: Condvar,
+}
+
+impl OutputShared {
+    fn lock(&self) -> MutexGuard<'_, OutputState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The host side of the guest console output: the queue and its writer thread.
+#[derive(Debug, Clone)]
+pub struct ConsoleOutput(Arc<OutputShared>);
+
+/// The guest side: a writer for the UART that queues bytes for the writer thread.
+#[derive(Debug)]
+pub struct QueuedWriter(Arc<OutputShared>);
+
+impl Write for QueuedWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut st = self.0.lock();
+        loop {
+            if st.closed {
+                return Ok(buf.len());
+            }
+            if st.stopping || st.queue.len() < OUTPUT_QUEUE_BYTES {
+                st.queue.extend(buf);
+                self.0.data.notify_one();
+                return Ok(buf.len());
+            }
+            st = self.0.room.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ConsoleOutput {
+    /// Starts the writer thread for `out`; the returned writer is what the UART writes to.
+    ///
+    /// # Errors
+    ///
+    /// The thread could not be spawned.
+    pub fn spawn(mut out: ConsoleOut) -> io::Result<(Self, QueuedWriter)> {
+        let shared = Arc::new(OutputShared::default());
+        let thread_shared = shared.clone();
+        thread::Builder::new()
+            .name("console-out".into())
+            .spawn(move || {
+                let shared = thread_shared;
+                loop {
+                    let bytes: Vec<u8> = {
+                        let mut st = shared.lock();
+                        while st.queue.is_empty() {
+                            st = shared.data.wait(st).unwrap_or_else(|p| p.into_inner());
+                        }
+                        st.writing = true;
+                        st.queue.drain(..).collect()
+                    };
+                    shared.room.notify_all();
+                    let result = out.write_all(&bytes).and_then(|()| out.flush());
+                    let mut st = shared.lock();
+                    st.writing = false;
+                    shared.room.notify_all();
+                    if let Err(e) = result {
+                        // EPIPE (a reader that went away, `| head`) or another error: the
+                        // guest keeps running, its output goes nowhere from here on.
+                        log::info!("console output ended ({e}); guest output is discarded");
+                        st.closed = true;
+                        st.queue.clear();
+                        shared.room.notify_all();
+                        return;
+                    }
+                }
+            })?;
+        Ok((ConsoleOutput(shared.clone()), QueuedWriter(shared)))
+    }
+
+    /// Lets every pending and later write through without waiting for room, so that no vCPU
+    /// stays blocked on a console that does not drain while the VM is being stopped.
+    pub fn stop_waiting(&self) {
+        self.0.lock().stopping = true;
+        self.0.room.notify_all();
+    }
+
+    /// Waits until everything queued was written (or the console closed), or `give_up` says
+    /// to stop waiting (checked every `poll`). Returns whether it all went out.
+    pub fn drain(&self, poll: Duration, give_up: impl Fn() -> bool) -> bool {
+        let mut st = self.0.lock();
+        loop {
+            if st.closed || (st.queue.is_empty() && !st.writing) {
+                return true;
+            }
+            if give_up() {
+                return false;
+            }
+            st = self
+                .0
+                .room
+                .wait_timeout(st, poll)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
 /// The UART as a bus device.
 pub struct SerialConsole {
     uart: Serial<EventFdTrigger, NoEvents, Flushing<ConsoleOut>>,
+    /// The guest's last writes to IER, LCR and MCR.
+    ier: u8,
+    lcr: u8,
+    mcr: u8,
 }
 
 impl std::fmt::Debug for SerialConsole {
@@ -67,11 +214,24 @@ impl SerialConsole {
     pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
         Self {
             uart: Serial::new(EventFdTrigger::new(irq), Flushing(out)),
+            ier: 0,
+            lcr: 0,
+            mcr: 0,
         }
     }
 
-    /// Queues as much of `input` as the receive FIFO takes; returns how much it took.
+    /// Whether the guest's driver listens: the receive-data interrupt is enabled and the port
+    /// is not in loopback.
+    pub fn guest_listens(&self) -> bool {
+        self.ier & IER_RDI != 0 && self.mcr & MCR_LOOP == 0
+    }
+
+    /// Queues as much of `input` as the receive FIFO takes; returns how much it took. Takes
+    /// nothing while the guest does not listen ([`Self::guest_listens`]).
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        if !self.guest_listens() {
+            return 0;
+        }
         let n = input.len().min(self.uart.fifo_capacity());
         if n == 0 {
             return 0;
@@ -95,6 +255,14 @@ impl BusDevice for SerialConsole {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(value) = data.first().copied() {
+            match offset {
+                IER if self.lcr & LCR_DLAB == 0 => self.ier = value,
+                LCR => self.lcr = value,
+                MCR => self.mcr = value,
+                _ => {}
+            }
+        }
         if let (Some(value), Ok(offset)) = (data.first(), u8::try_from(offset)) {
             if let Err(e) = self.uart.write(offset, *value) {
                 log::warn!("serial write at offset {offset}: {e:?}");
@@ -156,7 +324,6 @@ mod tests {
     }
 
     const THR: u64 = 0;
-    const IER: u64 = 1;
     const LSR: u64 = 5;
 
     #[test]
@@ -176,7 +343,17 @@ mod tests {
         }
         assert_eq!(&*out.0.lock().unwrap(), b"hi");
         let input: &'static [u8] = &[b'x'; 100]; // more than the 64-byte FIFO
+        serial.lock().unwrap().write(IER, &[0]); // the guest stops listening
         let t = forward_input(serial.clone(), input).unwrap();
+        thread::sleep(Duration::from_millis(30));
+        let mut lsr = [0u8];
+        serial.lock().unwrap().read(LSR, &mut lsr);
+        assert_eq!(
+            lsr[0] & 1,
+            0,
+            "input reached a UART whose driver does not listen"
+        );
+        serial.lock().unwrap().write(IER, &[0x01]); // and listens again
         let mut got = Vec::new();
         while got.len() < 100 {
             let mut s = serial.lock().unwrap();
@@ -194,5 +371,102 @@ mod tests {
         t.join().unwrap();
         assert_eq!(got, vec![b'x'; 100]);
         assert!(irq.read().unwrap() >= 1);
+    }
+}
+
+#[cfg(test)]
+mod output_tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A writer that blocks until released, then fails or succeeds.
+    struct Gate {
+        open: Arc<(Mutex<Option<bool>>, Condvar)>,
+        got: Arc<Mutex<Vec<u8>>>,
+    }
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let (m, c) = &*self.open;
+            let mut g = m.lock().unwrap();
+            while g.is_none() {
+                g = c.wait(g).unwrap();
+            }
+            if *g == Some(false) {
+                return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+            }
+            self.got.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn gate() -> (
+        Gate,
+        Arc<(Mutex<Option<bool>>, Condvar)>,
+        Arc<Mutex<Vec<u8>>>,
+    ) {
+        let open = Arc::new((Mutex::new(None), Condvar::new()));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        (
+            Gate {
+                open: open.clone(),
+                got: got.clone(),
+            },
+            open,
+            got,
+        )
+    }
+
+    fn release(open: &(Mutex<Option<bool>>, Condvar), ok: bool) {
+        *open.0.lock().unwrap() = Some(ok);
+        open.1.notify_all();
+    }
+
+    #[test]
+    fn blocked_console_holds_the_guest_until_stop_and_drain_gives_up() {
+        let (g, open, _got) = gate();
+        let (out, mut w) = ConsoleOutput::spawn(Box::new(g)).unwrap();
+        let writer = thread::spawn(move || {
+            for _ in 0..4 {
+                w.write_all(&[b'x'; OUTPUT_QUEUE_BYTES]).unwrap();
+            }
+        });
+        thread::sleep(Duration::from_millis(50));
+        assert!(
+            !writer.is_finished(),
+            "a full queue must hold the guest back"
+        );
+        out.stop_waiting();
+        writer.join().unwrap();
+        let t = Instant::now();
+        assert!(!out.drain(Duration::from_millis(5), || t.elapsed()
+            > Duration::from_millis(30)));
+        release(&open, true);
+    }
+
+    #[test]
+    fn everything_arrives_then_drain_returns() {
+        let (g, open, got) = gate();
+        let (out, mut w) = ConsoleOutput::spawn(Box::new(g)).unwrap();
+        w.write_all(b"hello ").unwrap();
+        w.write_all(b"world").unwrap();
+        release(&open, true);
+        assert!(out.drain(Duration::from_millis(5), || false));
+        assert_eq!(&*got.lock().unwrap(), b"hello world");
+    }
+
+    #[test]
+    fn broken_pipe_discards_quietly() {
+        let (g, open, got) = gate();
+        let (out, mut w) = ConsoleOutput::spawn(Box::new(g)).unwrap();
+        w.write_all(b"lost").unwrap();
+        release(&open, false);
+        assert!(out.drain(Duration::from_millis(5), || false));
+        for _ in 0..10 {
+            w.write_all(&[b'y'; OUTPUT_QUEUE_BYTES]).unwrap(); // never blocks, never fails
+        }
+        assert!(got.lock().unwrap().is_empty());
     }
 }
