@@ -213,7 +213,8 @@ pub enum RunOutcome {
     TripleFault {
         /// The vCPU.
         vcpu: u32,
-        /// Its registers, when they could be read.
+        /// Its registers as vcpu-runner took them at the `KVM_EXIT_SHUTDOWN`, when they could
+        /// be read (see [`is_reset_state`] for what they show on kvm-amd).
         dump: Option<Box<RegisterDump>>,
     },
     /// The guest reported a crash through a system event.
@@ -259,7 +260,12 @@ impl std::fmt::Display for RunOutcome {
             RunOutcome::TripleFault { vcpu, dump } => {
                 write!(f, "guest triple fault on vCPU {vcpu}")?;
                 match dump {
-                    Some(d) => write!(f, "\n{d}"),
+                    Some(d) if is_reset_state(d) => f.write_str(
+                        " (no registers of the fault: KVM had already reset the vCPU when it \
+                         reported the triple fault, as kvm-amd does on a shutdown intercept; \
+                         the guest console above shows what led to it)",
+                    ),
+                    Some(d) => write!(f, "; registers at the exit:\n{d}"),
                     None => f.write_str(" (registers unavailable)"),
                 }
             }
@@ -623,13 +629,18 @@ impl Vmm {
         Ok(match outcome {
             VmOutcome::Shutdown { .. } => RunOutcome::PowerOff,
             VmOutcome::Reset { .. } => RunOutcome::Reset,
-            VmOutcome::TripleFault { vcpu, .. } => RunOutcome::TripleFault {
+            VmOutcome::TripleFault { vcpu, diagnostics } => RunOutcome::TripleFault {
                 vcpu,
-                dump: self
-                    .diagnostics
-                    .get(vcpu as usize)
-                    .and_then(|d| d.dump().ok())
-                    .map(Box::new),
+                // Taken by the vCPU thread at the exit; the duplicated fd (read now, after
+                // the vCPU was stopped) only where that snapshot is missing.
+                dump: match diagnostics.map(|d| d.registers) {
+                    Some(Ok(dump)) => Some(Box::new(dump)),
+                    _ => self
+                        .diagnostics
+                        .get(vcpu as usize)
+                        .and_then(|d| d.dump().ok())
+                        .map(Box::new),
+                },
             },
             VmOutcome::Crash { vcpu, data } => {
                 RunOutcome::GuestCrash(format!("crash event on vCPU {vcpu}, data {data:x?}"))
@@ -642,6 +653,15 @@ impl Vmm {
             VmOutcome::Stopped => RunOutcome::VcpuError("stopped without a cause".into()),
         })
     }
+}
+
+/// Whether a register dump shows the x86 reset state (`CS` selector 0xf000 with base
+/// 0xffff_0000, `RIP` 0xfff0) rather than a guest's state: kvm-amd INITs a vCPU on a shutdown
+/// intercept before it reports `KVM_EXIT_SHUTDOWN` (`shutdown_interception` in
+/// arch/x86/kvm/svm/svm.c: the VMCB is undefined after a shutdown intercept), so there the
+/// faulting state is gone by the time any VMM can read it.
+pub fn is_reset_state(dump: &RegisterDump) -> bool {
+    dump.regs.rip == 0xfff0 && dump.sregs.cs.selector == 0xf000 && dump.sregs.cs.base == 0xffff_0000
 }
 
 /// Masks every input of both in-kernel 8259s, as firmware leaves them for an OS that uses the
@@ -705,6 +725,31 @@ mod tests {
         );
         assert_eq!(RunOutcome::VcpuError("x".into()).exit_code(), 4);
         assert_eq!(RunOutcome::Reset.to_string(), "guest requested reset");
+        let mut reset = RegisterDump::new(
+            kvm_regs {
+                rip: 0xfff0,
+                ..Default::default()
+            },
+            kvm_sregs::default(),
+            None,
+        );
+        reset.sregs.cs.selector = 0xf000;
+        reset.sregs.cs.base = 0xffff_0000;
+        assert!(is_reset_state(&reset));
+        let text = RunOutcome::TripleFault {
+            vcpu: 0,
+            dump: Some(Box::new(reset.clone())),
+        }
+        .to_string();
+        assert!(text.contains("no registers of the fault"), "{text}");
+        reset.regs.rip = 0xffff_ffff_8100_0000;
+        assert!(!is_reset_state(&reset));
+        let text = RunOutcome::TripleFault {
+            vcpu: 0,
+            dump: Some(Box::new(reset)),
+        }
+        .to_string();
+        assert!(text.contains("registers at the exit"), "{text}");
         assert!(RunOutcome::TripleFault {
             vcpu: 1,
             dump: None
