@@ -37,6 +37,11 @@ pub enum Task {
     NestedTests(NestedTestsArgs),
     /// Print the path of the cached L1 kernel (bzImage), fetching it if missing.
     NestedKernel,
+    /// Boot the reference VMM's default guest: installs what is missing first (as root),
+    /// then boots directly on a VMX/SVM host, inside the nested test host otherwise.
+    Demo(DemoArgs),
+    /// Install what the nested test host, the demo and CI need (Debian packages; as root).
+    Setup,
     /// Build and unit-test the publishable crates against the lowest dependency versions
     /// their requirements allow (in a copy of the workspace).
     MinimalVersions,
@@ -136,6 +141,20 @@ pub struct NestedTestsArgs {
     /// Arguments passed to every test binary.
     #[arg(last = true, value_name = "TEST ARGS")]
     pub test_args: Vec<String>,
+}
+
+/// Options of `cargo xtask demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub vcpus: u32,
+    /// How the guest ends after printing its marker.
+    #[arg(long, default_value = "poweroff", value_parser = ["poweroff", "reboot"])]
+    pub end: String,
+    /// Boot inside the nested test host even where the host could run the guest directly.
+    #[arg(long)]
+    pub nested: bool,
 }
 
 /// Options of `cargo xtask nested-soak`.

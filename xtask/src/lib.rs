@@ -31,6 +31,7 @@ pub mod command;
 pub mod coverage;
 pub mod cpio;
 pub mod debian;
+pub mod demo;
 pub mod elf;
 pub mod guest;
 pub mod image;
@@ -44,6 +45,7 @@ pub mod payload;
 pub mod protocol;
 pub mod qemu;
 pub mod scratch;
+pub mod setup;
 
 /// Environment variable that overrides [`cache_dir`].
 pub const CACHE_DIR_ENV: &str = "NESTED_CACHE_DIR";

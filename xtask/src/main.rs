@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use xtask::cli::{Cli, Task};
-use xtask::{ci, coverage, debian, guest, l1, nested, nested_soak, nested_tests, protocol};
+use xtask::{
+    ci, coverage, debian, demo, guest, l1, nested, nested_soak, nested_tests, protocol, setup,
+};
 
 /// Exit status when a task could not do its job at all (as `docker run` uses it).
 const EXIT_TASK_FAILED: u8 = 125;
@@ -44,6 +46,17 @@ fn main() -> ExitCode {
         }
         Task::MinimalVersions => match xtask::minimal_versions::run(&xtask::workspace_root()) {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
+        Task::Demo(args) => match demo::run(&xtask::workspace_root(), &cache_dir, &args) {
+            Ok(rc) => ExitCode::from(rc),
+            Err(e) => fail(&e),
+        },
+        Task::Setup => match setup::ensure() {
+            Ok(()) => {
+                println!("setup: everything the nested test host and the demo need is installed");
+                ExitCode::SUCCESS
+            }
             Err(e) => fail(&e),
         },
         Task::NestedKernel => match debian::KernelCache::new(&cache_dir).get_or_fetch() {

@@ -1,0 +1,174 @@
+//! `cargo xtask demo`: the README's first command. It makes sure the machine has what the
+//! demo needs (see [`crate::setup`]) before building anything, prepares the default guest
+//! (the cached Debian kernel and the guest initramfs, in the one cache the tests and CI use),
+//! builds the reference VMM and boots the guest with it: directly where the host has hardware
+//! virtualization (VMX or SVM in `/proc/cpuinfo` and `kvm_intel`/`kvm_amd` loaded), otherwise
+//! inside the nested kvm-amd test host. The guest console is shown through to the marker line.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::cli::DemoArgs;
+use crate::command::{self, CommandLine};
+use crate::debian;
+use crate::guest;
+use crate::init_script::Step;
+use crate::l1::{self, L1Image};
+use crate::payload::{self, HostFile};
+use crate::setup;
+
+/// Errors from the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The machine lacks something and it could not be installed.
+    #[error(transparent)]
+    Setup(#[from] setup::Error),
+    /// The kernel could not be fetched.
+    #[error(transparent)]
+    Kernel(#[from] debian::Error),
+    /// The guest initramfs could not be built.
+    #[error(transparent)]
+    Guest(#[from] guest::Error),
+    /// The reference VMM did not build.
+    #[error("cannot build vmm-reference")]
+    Build(#[source] command::Error),
+    /// The reference VMM could not be started.
+    #[error("cannot start `{command}`")]
+    Spawn {
+        /// The command.
+        command: CommandLine,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The nested test host failed.
+    #[error(transparent)]
+    Host(#[from] l1::Error),
+    /// A file could not be added to the test host.
+    #[error(transparent)]
+    File(#[from] payload::Error),
+    /// A destination path is invalid.
+    #[error(transparent)]
+    Destination(#[from] crate::image::Error),
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Whether this host can run the guest directly: VMX or SVM in the CPU flags and the matching
+/// KVM vendor module loaded (a PVM- or TCG-backed `/dev/kvm` cannot boot a stock kernel).
+pub fn host_has_hardware_virt(cpuinfo: &str, module_loaded: impl Fn(&str) -> bool) -> bool {
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(str::split_whitespace)
+        .collect();
+    (flags.contains(&"vmx") && module_loaded("kvm_intel"))
+        || (flags.contains(&"svm") && module_loaded("kvm_amd"))
+}
+
+/// The `vmm-reference boot` arguments for the default guest.
+pub fn boot_args(kernel: &str, initramfs: &str, vcpus: u32, end: &str) -> Vec<String> {
+    [
+        "boot",
+        "--kernel",
+        kernel,
+        "--initramfs",
+        initramfs,
+        "--vcpus",
+        &vcpus.to_string(),
+        "--mem-mib",
+        "256",
+        "--cmdline",
+        &format!("console=ttyS0 reboot=k panic=-1 vmmref.end={end}"),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Runs the demo; returns the exit status to end with (the VMM's).
+pub fn run(workspace: &Path, cache_dir: &Path, args: &DemoArgs) -> Result<u8> {
+    setup::ensure()?;
+    let kernel = debian::KernelCache::new(cache_dir).get_or_fetch()?;
+    let initramfs = guest::cached_initramfs(cache_dir, Path::new(l1::BUSYBOX))?;
+    println!("demo: building vmm-reference (release)");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    command::output(Command::new(cargo).current_dir(workspace).args([
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "vmm-reference",
+    ]))
+    .map_err(Error::Build)?;
+    let vmm = workspace.join("target/release/vmm-reference");
+
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let direct = !args.nested
+        && host_has_hardware_virt(&cpuinfo, |m| Path::new("/sys/module").join(m).exists());
+    if direct {
+        println!("demo: this host has hardware virtualization; booting directly");
+        let mut command = Command::new(&vmm);
+        command.args(boot_args(
+            &kernel.vmlinuz.to_string_lossy(),
+            &initramfs.to_string_lossy(),
+            args.vcpus,
+            &args.end,
+        ));
+        let status = command.status().map_err(|source| Error::Spawn {
+            command: CommandLine::of(&command),
+            source,
+        })?;
+        return Ok(status.code().map_or(1, |c| u8::try_from(c).unwrap_or(1)));
+    }
+
+    println!(
+        "demo: no VMX/SVM with its KVM module here; booting inside the nested kvm-amd test host"
+    );
+    let mut image = L1Image::new(cache_dir)?;
+    for (source, dest) in [
+        (vmm, "/bin/vmm-reference"),
+        (kernel.vmlinuz.clone(), "/data/bzImage"),
+        (initramfs, "/data/initramfs.cpio"),
+    ] {
+        image.add_host_file(&HostFile {
+            source,
+            dest: dest.parse()?,
+        })?;
+    }
+    let mut argv = vec!["/bin/vmm-reference".to_owned()];
+    argv.extend(boot_args(
+        "/data/bzImage",
+        "/data/initramfs.cpio",
+        args.vcpus,
+        &args.end,
+    ));
+    let step = Step {
+        label: "vmm-reference".into(),
+        argv,
+    };
+    let outcome = image.boot(Vec::new(), vec![step], l1::MachineOptions::DEFAULT)?;
+    Ok(outcome.rc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hardware_virt_needs_flag_and_module() {
+        let intel = "flags\t\t: fpu vmx sse\n";
+        assert!(host_has_hardware_virt(intel, |m| m == "kvm_intel"));
+        assert!(!host_has_hardware_virt(intel, |m| m == "kvm_amd"));
+        let pvm = "flags\t\t: fpu sse hypervisor\n";
+        assert!(!host_has_hardware_virt(pvm, |_| true));
+    }
+
+    #[test]
+    fn boot_args_name_the_end_action() {
+        let args = boot_args("/k", "/i", 2, "reboot");
+        assert_eq!(args[0], "boot");
+        assert!(args.contains(&"2".to_owned()));
+        assert!(args.last().unwrap().ends_with("vmmref.end=reboot"));
+    }
+}
