@@ -56,11 +56,21 @@ pub fn workspace_root() -> PathBuf {
     manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
 }
 
-/// Where the kernel package and per-run scratch files live: `$NESTED_CACHE_DIR`, or
-/// `<workspace>/.cache/nested` (git-ignored).
+/// The one cache of the workspace on this machine (the Debian kernel package, the guest
+/// initramfs, per-run scratch files), shared by the demo, the tests and CI, and by every
+/// clone: `$NESTED_CACHE_DIR` if set; else `/var/cache/composable-vmm` for root and
+/// `$XDG_CACHE_HOME/composable-vmm` (or `~/.cache/composable-vmm`) for other users.
 pub fn cache_dir() -> PathBuf {
-    match std::env::var_os(CACHE_DIR_ENV) {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => workspace_root().join(".cache").join("nested"),
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = var(CACHE_DIR_ENV) {
+        return dir;
     }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/cache/composable-vmm");
+    }
+    var("XDG_CACHE_HOME")
+        .or_else(|| var("HOME").map(|home| home.join(".cache")))
+        .unwrap_or_else(|| workspace_root().join(".cache"))
+        .join("composable-vmm")
 }
