@@ -273,9 +273,10 @@ fn nested_run() -> Result<&'static NestedRun, Failed> {
             .map_err(|e| e.to_string())?;
         let kernel = PathBuf::from(String::from_utf8_lossy(&kernel.stdout).trim());
         let initramfs = dir.join("initramfs.cpio");
-        let st = Command::new(&bin)
-            .args(["initramfs", "--out"])
+        let st = Command::new(env!("CARGO"))
+            .args(["xtask", "guest-initramfs", "--out"])
             .arg(&initramfs)
+            .current_dir(workspace())
             .status()
             .map_err(|e| e.to_string())?;
         if !st.success() {

@@ -1,4 +1,5 @@
-//! The command line: `boot`, `probe`, `demo` and `initramfs`, and what each maps to.
+//! The command line: `boot` and `probe`, and what each maps to. (The developer commands —
+//! the demo, the default guest's initramfs, the boot-time comparison — live in xtask.)
 
 use std::path::PathBuf;
 
@@ -28,18 +29,6 @@ pub enum CliCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
-    },
-    /// Prepare the default guest (Debian cloud kernel, busybox initramfs; cached) and boot it,
-    /// directly with hardware virtualization, else inside the nested test host.
-    Demo(DemoArgs),
-    /// Write the default busybox initramfs (newc cpio).
-    Initramfs {
-        /// Output file.
-        #[arg(long)]
-        out: PathBuf,
-        /// A static busybox.
-        #[arg(long, default_value = crate::demo::DEFAULT_BUSYBOX)]
-        busybox: PathBuf,
     },
 }
 
@@ -73,22 +62,6 @@ pub struct BootArgs {
     pub nested_virt: bool,
 }
 
-/// `demo` flags.
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 2)]
-    pub vcpus: u32,
-    /// What the guest's init does after the marker: poweroff, reboot or shell.
-    #[arg(long, default_value = "poweroff")]
-    pub end: String,
-    /// Use the nested test host even where hardware virtualization is available.
-    #[arg(long)]
-    pub nested: bool,
-    /// A static busybox for the initramfs.
-    #[arg(long, default_value = crate::demo::DEFAULT_BUSYBOX)]
-    pub busybox: PathBuf,
-}
 
 impl BootArgs {
     /// The configuration these flags (and their config file) describe.

@@ -5,7 +5,7 @@
 //! [`config`] (flags and JSON, validated before KVM is touched), [`boot`] (loading with
 //! linux-loader; [`acpi`], [`mptable`], [`regs`], [`memory`]), [`cpuid`], [`devices`],
 //! [`vmm`] (building the VM from vm-types, xstate-perm, msr-featctl and running it with
-//! vcpu-runner), [`probe`], and [`initramfs`]/[`demo`] for the default guest.
+//! vcpu-runner) and [`probe`].
 //!
 //! ```no_run
 //! use vmm_reference::config::{Overrides, VmConfig};
@@ -36,10 +36,8 @@ pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod cpuid;
-pub mod demo;
 pub mod devices;
 pub mod host;
-pub mod initramfs;
 pub mod kernel_image;
 pub mod memory;
 pub mod mptable;

@@ -7,7 +7,7 @@ use clap::Parser;
 use vmm_reference::cli::{error_chain, Cli, CliCommand, EXIT_USAGE};
 use vmm_reference::terminal::RawTerminal;
 use vmm_reference::vmm::Vmm;
-use vmm_reference::{demo, initramfs, probe};
+use vmm_reference::probe;
 
 /// Exit status for a failure of the VMM itself (KVM setup, I/O).
 const EXIT_VMM_ERROR: u8 = 4;
@@ -63,16 +63,6 @@ fn main() -> ExitCode {
                 println!("{report}");
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(EXIT_VMM_ERROR, &e),
-        },
-        CliCommand::Demo(args) => {
-            match demo::run(&args.busybox, args.vcpus, &args.end, args.nested) {
-                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-                Err(e) => fail(EXIT_VMM_ERROR, &e),
-            }
-        }
-        CliCommand::Initramfs { out, busybox } => match initramfs::write(busybox, out) {
-            Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EXIT_VMM_ERROR, &e),
         },
     }

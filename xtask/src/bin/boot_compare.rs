@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-/// The marker line's prefix (`vmm_reference::initramfs::MARKER`).
-const MARKER: &str = vmm_reference::initramfs::MARKER;
+/// The marker line's prefix.
+const MARKER: &str = xtask::guest::MARKER;
 
 /// The command line of both guests: the demo's, with `quiet` so that the boot log does not
 /// turn the measurement into one of serial-port throughput. The marker still reaches the
