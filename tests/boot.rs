@@ -104,6 +104,56 @@ fn small_valid_kernel() -> PathBuf {
     p
 }
 
+/// A complete bzImage header whose kernel decompresses at `pref_address` and needs
+/// `init_size` bytes from there.
+fn kernel_with_init_size(pref_address: u64, init_size: u32) -> PathBuf {
+    let mut b = std::fs::read(small_valid_kernel()).unwrap();
+    b[0x258..0x260].copy_from_slice(&pref_address.to_le_bytes());
+    b[0x260..0x264].copy_from_slice(&init_size.to_le_bytes());
+    let p = scratch().join(format!("bzImage-{pref_address:x}-{init_size:x}"));
+    std::fs::write(&p, b).unwrap();
+    p
+}
+
+/// On a host whose `/dev/kvm` is backed by kvm_pvm (no VMX/SVM), `boot` must say so and end
+/// instead of starting a guest that never shows anything. Ignored, with the reason, on a host
+/// with kvm_intel or kvm_amd (there the guest boots) or without KVM.
+fn software_kvm_trial() -> Trial {
+    let module = |m: &str| Path::new("/sys/module").join(m).exists();
+    let pvm = module("kvm_pvm") && !module("kvm_intel") && !module("kvm_amd");
+    let trial = Trial::test("host::kvm_pvm_refuses_with_a_clear_error", || {
+        let k = small_valid_kernel();
+        let mut child = Command::new(vmm_bin()?)
+            .args(["boot", "--kernel", k.to_str().unwrap(), "--mem-mib", "256"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawn: {e}"))?;
+        let start = std::time::Instant::now();
+        while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+            if start.elapsed() > std::time::Duration::from_secs(30) {
+                let _ = child.kill();
+                return Err("still running after 30 s on a kvm_pvm host".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let want = "vmm-reference: error: cannot boot a Linux guest here: this host's /dev/kvm \
+                    is backed by kvm_pvm, which cannot run a stock Linux kernel";
+        if out.status.code() != Some(4) || !stderr.contains(want) {
+            return Err(format!("exit {:?}, stderr: {stderr}", out.status.code()).into());
+        }
+        Ok(())
+    });
+    if pvm {
+        trial
+    } else {
+        trial.with_ignored_flag(true)
+    }
+}
+
 fn bad_input_trials() -> Vec<Trial> {
     let s = |p: PathBuf| p.to_string_lossy().into_owned();
     vec![
@@ -172,6 +222,45 @@ fn bad_input_trials() -> Vec<Trial> {
             expect_usage_error(
                 &["boot", "--kernel", k.to_str().unwrap(), "--vcpus", "33"],
                 "too many vcpus: 33 requested",
+            )
+        }),
+        Trial::test(
+            "bad_input::memory_below_what_the_kernel_header_asks",
+            || {
+                // The Debian 6.1 cloud kernel's header: decompressed at pref_address 16 MiB,
+                // init_size 0x3378000; 32 MiB to run on top: 99.47 MiB, so at least 100 MiB.
+                let k = kernel_with_init_size(0x100_0000, 0x337_8000);
+                let min = (0x100_0000u64 + 0x337_8000 + (32 << 20)).div_ceil(1 << 20);
+                assert_eq!(min, 100);
+                expect_usage_error(
+                    &["boot", "--kernel", k.to_str().unwrap(), "--mem-mib", "64"],
+                    &format!(
+                    "too little memory for this kernel and initramfs: 64 MiB, at least {min} MiB \
+                     needed"
+                ),
+                )
+            },
+        ),
+        Trial::test("bad_input::initramfs_that_leaves_no_room_to_run", || {
+            let p = scratch().join("250m-initramfs");
+            let f = std::fs::File::create(&p).unwrap();
+            f.set_len(250 << 20).unwrap(); // sparse
+            let k = small_valid_kernel();
+            // Kernel end 1 MiB + 256 bytes, page-aligned; the initramfs above it and unpacked;
+            // 32 MiB to run: 533.004 MiB, so at least 534 MiB.
+            let need = (1u64 << 20) + 4096 + 2 * (250 << 20) + (32 << 20);
+            let min = need.div_ceil(1 << 20);
+            expect_usage_error(
+                &[
+                    "boot",
+                    "--kernel",
+                    k.to_str().unwrap(),
+                    "--initramfs",
+                    p.to_str().unwrap(),
+                    "--mem-mib",
+                    "256",
+                ],
+                &format!("256 MiB, at least {min} MiB needed"),
             )
         }),
         Trial::test("bad_input::config_file_equals_flags", || {
@@ -253,12 +342,51 @@ fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-const SCRIPT: &str = r#"run() { name=$1; shift; echo "=== BEGIN $name"; /bin/vmm-reference boot "$@" </dev/null; echo "=== END $name rc=$?"; }
+const SCRIPT: &str = r#"run() { name=$1; shift; echo "=== BEGIN $name"; timeout 120 /bin/vmm-reference boot "$@" </dev/null; echo "=== END $name rc=$?"; }
 C="console=ttyS0 reboot=k panic=-1 quiet"
+# Linux's default restart order, without reboot=k.
+D="console=ttyS0 panic=-1 quiet"
+G="--kernel /data/bzImage --initramfs /data/initramfs.cpio"
 run bz1 --kernel /data/bzImage --initramfs /data/initramfs.cpio --vcpus 1 --cmdline "$C"
 run bz2 --kernel /data/bzImage --initramfs /data/initramfs.cpio --vcpus 2 --cmdline "$C"
 run reboot --kernel /data/bzImage --initramfs /data/initramfs.cpio --vcpus 1 --cmdline "$C vmmref.end=reboot"
 run pvh --kernel /data/vmlinux --initramfs /data/initramfs.cpio --vcpus 2 --cmdline "$C"
+run reboot_default $G --cmdline "$D vmmref.end=reboot"
+run reboot_acpi $G --cmdline "$D reboot=a vmmref.end=reboot"
+run reboot_triple $G --cmdline "$D reboot=t vmmref.end=reboot"
+# init exits at once: "Attempted to kill init!", a panic that restarts (panic=-1).
+run panic_default $G --vcpus 2 --cmdline "$D rdinit=/bin/busybox -- false"
+run panic_kbd $G --cmdline "$C rdinit=/bin/busybox -- false"
+run halt $G --cmdline "$D rdinit=/bin/busybox -- halt -f"
+# The least memory the VMM accepts for this kernel and initramfs boots.
+out=$(/bin/vmm-reference boot $G --mem-mib 64 --cmdline "$C" 2>&1 </dev/null); echo "mem64 rc=$? $out"
+min=$(echo "$out" | sed -n 's/.*at least \([0-9]*\) MiB.*/\1/p')
+run mem_min $G --mem-mib "${min:-0}" --cmdline "$C"
+# Input piped in at start reaches the guest's shell from its first byte.
+echo "=== BEGIN stdin"
+printf 'echo INPUT-OK-$((6*7))\npoweroff -f\n' | timeout 120 /bin/vmm-reference boot $G --cmdline "$C vmmref.end=shell"
+echo "=== END stdin rc=$?"
+# A reader that goes away: one line, then EPIPE on every write.
+echo "=== BEGIN epipe"
+{ timeout 120 /bin/vmm-reference boot $G --cmdline "$D" </dev/null; echo $? >/tmp/rc_epipe; } 2>/tmp/err_epipe | head -1 >/dev/null
+cat /tmp/err_epipe; echo "stderr-lines=$(wc -l </tmp/err_epipe)"
+echo "=== END epipe rc=$(cat /tmp/rc_epipe)"
+# Signals that end the VMM while the guest runs (a shell waiting on a console without input).
+for sig in HUP QUIT INT; do
+  echo "=== BEGIN signal_$sig"
+  /bin/vmm-reference boot $G --cmdline "$C vmmref.end=shell" </dev/null & pid=$!
+  sleep 4; kill -$sig $pid; wait $pid
+  echo "=== END signal_$sig rc=$?"
+done
+# SIGTERM while the console is blocked: a guest flooding a pipe nobody reads.
+echo "=== BEGIN term_blocked"
+mkfifo /tmp/blocked; exec 3<>/tmp/blocked
+/bin/vmm-reference boot $G --cmdline "$D rdinit=/bin/busybox -- yes" </dev/null >/tmp/blocked & pid=$!
+sleep 20; kill -TERM $pid; n=0
+while [ "$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null)" != Z ] && [ -e /proc/$pid ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+echo "exited-after-tenths=$n"; wait $pid
+echo "=== END term_blocked rc=$?"
+exec 3>&-
 "#;
 
 fn nested_run() -> Result<&'static NestedRun, Failed> {
@@ -310,6 +438,213 @@ fn nested_run() -> Result<&'static NestedRun, Failed> {
     .map_err(|e| Failed::from(e.clone()))
 }
 
+/// What a scenario must show: its exit status, lines or fragments in its output, and the
+/// marker with a CPU count when the guest's init is expected to run.
+struct Expect {
+    rc: i32,
+    cpus: Option<u32>,
+    contains: &'static [&'static str],
+}
+
+fn expect_scenario(name: &str, want: Expect) -> Result<(), Failed> {
+    let run = nested_run()?;
+    let (out, rc) = run.scenario(name)?;
+    if let Some(cpus) = want.cpus {
+        let marker = format!("{MARKER} cpus={cpus} ");
+        if !out.contains(&marker) {
+            return Err(format!("{name}: no {marker:?} in:\n{}", tail(out)).into());
+        }
+    }
+    for fragment in want.contains {
+        if !out.contains(fragment) {
+            return Err(format!("{name}: no {fragment:?} in:\n{}", tail(out)).into());
+        }
+    }
+    if out.contains("panicked at") {
+        return Err(format!("{name}: the VMM panicked:\n{}", tail(out)).into());
+    }
+    if rc != want.rc {
+        return Err(format!("{name}: exit {rc}, want {}:\n{}", want.rc, tail(out)).into());
+    }
+    Ok(())
+}
+
+/// The nested scenarios of issue #18: how each guest ending maps to an exit status, memory
+/// sized by the kernel, console input and output, signals.
+fn issue_18_trials() -> Vec<Trial> {
+    const RESET: &str = "vmm-reference: guest requested reset";
+    const PANIC_RESET: &str = "vmm-reference: guest reset without an orderly shutdown";
+    vec![
+        Trial::test("nested::reboot_default_order_exits_0", || {
+            expect_scenario(
+                "reboot_default",
+                Expect {
+                    rc: 0,
+                    cpus: Some(1),
+                    contains: &[RESET],
+                },
+            )
+        }),
+        Trial::test("nested::reboot_acpi_reset_register_exits_0", || {
+            expect_scenario(
+                "reboot_acpi",
+                Expect {
+                    rc: 0,
+                    cpus: Some(1),
+                    contains: &[RESET],
+                },
+            )
+        }),
+        Trial::test(
+            "nested::reboot_triple_fault_exits_3_and_says_why_no_dump",
+            || {
+                expect_scenario(
+                    "reboot_triple",
+                    Expect {
+                        rc: 3,
+                        cpus: Some(1),
+                        contains: &["vmm-reference: guest triple fault on vCPU 0"],
+                    },
+                )
+            },
+        ),
+        Trial::test("nested::panic_default_order_exits_3", || {
+            expect_scenario(
+                "panic_default",
+                Expect {
+                    rc: 3,
+                    cpus: None,
+                    contains: &["Kernel panic", PANIC_RESET],
+                },
+            )
+        }),
+        Trial::test("nested::panic_with_reboot_k_exits_3", || {
+            expect_scenario(
+                "panic_kbd",
+                Expect {
+                    rc: 3,
+                    cpus: None,
+                    contains: &["Kernel panic", PANIC_RESET],
+                },
+            )
+        }),
+        Trial::test("nested::halt_f_exits_3", || {
+            expect_scenario(
+                "halt",
+                Expect {
+                    rc: 3,
+                    cpus: None,
+                    contains: &["vmm-reference: guest halted"],
+                },
+            )
+        }),
+        Trial::test("nested::least_accepted_memory_boots", || {
+            let run = nested_run()?;
+            let line = run
+                .log
+                .lines()
+                .find(|l| l.starts_with("mem64 rc="))
+                .ok_or("no mem64 line")?;
+            if !line.starts_with("mem64 rc=2 ") || !line.contains("at least ") {
+                return Err(format!("64 MiB was not refused with the minimum: {line}").into());
+            }
+            expect_scenario(
+                "mem_min",
+                Expect {
+                    rc: 0,
+                    cpus: Some(1),
+                    contains: &["vmm-reference: guest powered off"],
+                },
+            )
+        }),
+        Trial::test("nested::piped_stdin_arrives_from_the_first_byte", || {
+            expect_scenario(
+                "stdin",
+                Expect {
+                    rc: 0,
+                    cpus: Some(1),
+                    contains: &["INPUT-OK-42", "vmm-reference: guest powered off"],
+                },
+            )
+        }),
+        Trial::test("nested::closed_stdout_ends_output_quietly", || {
+            let run = nested_run()?;
+            let (out, _) = run.scenario("epipe")?;
+            let lines: usize = out
+                .lines()
+                .find_map(|l| l.strip_prefix("stderr-lines="))
+                .and_then(|n| n.trim().parse().ok())
+                .ok_or("no stderr-lines")?;
+            if lines > 3 {
+                return Err(format!("{lines} stderr lines after EPIPE:\n{}", tail(out)).into());
+            }
+            expect_scenario(
+                "epipe",
+                Expect {
+                    rc: 0,
+                    cpus: None,
+                    contains: &["vmm-reference: guest powered off"],
+                },
+            )
+        }),
+        Trial::test("nested::sighup_exits_129", || {
+            expect_scenario(
+                "signal_HUP",
+                Expect {
+                    rc: 129,
+                    cpus: None,
+                    contains: &["vmm-reference: stopped by SIGHUP (signal 1)"],
+                },
+            )
+        }),
+        Trial::test("nested::sigquit_exits_131", || {
+            expect_scenario(
+                "signal_QUIT",
+                Expect {
+                    rc: 131,
+                    cpus: None,
+                    contains: &["vmm-reference: stopped by SIGQUIT (signal 3)"],
+                },
+            )
+        }),
+        Trial::test("nested::sigint_exits_130", || {
+            expect_scenario(
+                "signal_INT",
+                Expect {
+                    rc: 130,
+                    cpus: None,
+                    contains: &["vmm-reference: stopped by SIGINT (signal 2)"],
+                },
+            )
+        }),
+        Trial::test(
+            "nested::sigterm_with_blocked_console_exits_143_at_once",
+            || {
+                let run = nested_run()?;
+                let (out, _) = run.scenario("term_blocked")?;
+                let tenths: u32 = out
+                    .lines()
+                    .find_map(|l| l.strip_prefix("exited-after-tenths="))
+                    .and_then(|n| n.trim().parse().ok())
+                    .ok_or("no exited-after-tenths")?;
+                if tenths > 20 {
+                    return Err(
+                        format!("exit took {tenths}/10 s after SIGTERM:\n{}", tail(out)).into(),
+                    );
+                }
+                expect_scenario(
+                    "term_blocked",
+                    Expect {
+                        rc: 143,
+                        cpus: None,
+                        contains: &["vmm-reference: stopped by SIGTERM (signal 15)"],
+                    },
+                )
+            },
+        ),
+    ]
+}
+
 fn expect_boot(name: &str, cpus: u32, message: &str) -> Result<(), Failed> {
     let run = nested_run()?;
     let (out, rc) = run.scenario(name)?;
@@ -344,6 +679,7 @@ fn nested_trials() -> Vec<Trial> {
             expect_boot("pvh", 2, "guest powered off")
         }),
     ];
+    let trials: Vec<Trial> = trials.into_iter().chain(issue_18_trials()).collect();
     if qemu {
         trials
     } else {
@@ -359,6 +695,7 @@ fn main() {
     // The nested scenarios share one L1 boot; run trials in one thread so it happens once.
     args.test_threads = Some(1);
     let mut trials = bad_input_trials();
+    trials.push(software_kvm_trial());
     trials.extend(nested_trials());
     libtest_mimic::run(&args, trials).exit();
 }
