@@ -738,7 +738,7 @@ mod tests {
         assert!(is_reset_state(&reset));
         let text = RunOutcome::TripleFault {
             vcpu: 0,
-            dump: Some(Box::new(reset.clone())),
+            dump: Some(Box::new(reset)),
         }
         .to_string();
         assert!(text.contains("no registers of the fault"), "{text}");

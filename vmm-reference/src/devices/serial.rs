@@ -379,9 +379,12 @@ mod output_tests {
     use super::*;
     use std::time::Instant;
 
+    /// Whether the gate let writes through (`Some(true)`), fails them, or is still shut.
+    type GateOpen = Arc<(Mutex<Option<bool>>, Condvar)>;
+
     /// A writer that blocks until released, then fails or succeeds.
     struct Gate {
-        open: Arc<(Mutex<Option<bool>>, Condvar)>,
+        open: GateOpen,
         got: Arc<Mutex<Vec<u8>>>,
     }
     impl Write for Gate {
@@ -402,11 +405,7 @@ mod output_tests {
         }
     }
 
-    fn gate() -> (
-        Gate,
-        Arc<(Mutex<Option<bool>>, Condvar)>,
-        Arc<Mutex<Vec<u8>>>,
-    ) {
+    fn gate() -> (Gate, GateOpen, Arc<Mutex<Vec<u8>>>) {
         let open = Arc::new((Mutex::new(None), Condvar::new()));
         let got = Arc::new(Mutex::new(Vec::new()));
         (
