@@ -423,7 +423,8 @@ impl Vcpu {
         self.index
     }
 
-    /// The vCPU file descriptor (for setting up registers before the vCPU is spawned).
+    /// The vCPU file descriptor, for set-up ioctls other than the register sets (CPUID,
+    /// MSRs, LAPIC); registers go through [`Vcpu::registers`], so that the cache sees them.
     pub fn fd(&self) -> &VcpuFd {
         &self.fd
     }
