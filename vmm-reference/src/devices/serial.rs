@@ -7,10 +7,12 @@
 //! (EPIPE) ends the output quietly while the guest runs on.
 //!
 //! Host input reaches the receive FIFO through [`forward_input`], and only while the guest's
-//! driver listens (receive-data interrupt enabled, not in loopback): Linux's 8250 driver
-//! clears the FIFO and reads the receive register while it starts the port
-//! (`serial8250_do_startup`) and enables the receive interrupt only afterwards (from
-//! `set_termios`), so input queued earlier would be lost.
+//! driver listens: receive-data interrupt enabled, `OUT2` (the PC's interrupt gate) raised by
+//! the guest, not in loopback. Linux's 8250 driver reads the receive register while it probes
+//! the port (`autoconfig`, which also sets IER to 0x0f for a moment, before any `OUT2`) and
+//! while it starts it (`serial8250_do_startup`: raises `OUT2`, then reads it twice), and
+//! enables the receive interrupt only afterwards (from `set_termios`); input queued earlier
+//! would lose a byte to each of those reads.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -33,6 +35,7 @@ const LCR: u64 = 3;
 const MCR: u64 = 4;
 const IER_RDI: u8 = 0x01;
 const LCR_DLAB: u8 = 0x80;
+const MCR_OUT2: u8 = 0x08;
 const MCR_LOOP: u8 = 0x10;
 
 /// Raises the UART's interrupt by signalling an eventfd bound to a GSI with irqfd.
@@ -220,10 +223,10 @@ impl SerialConsole {
         }
     }
 
-    /// Whether the guest's driver listens: the receive-data interrupt is enabled and the port
-    /// is not in loopback.
+    /// Whether the guest's driver listens: the receive-data interrupt is enabled, the guest
+    /// raised `OUT2` and the port is not in loopback (only the guest's own writes count).
     pub fn guest_listens(&self) -> bool {
-        self.ier & IER_RDI != 0 && self.mcr & MCR_LOOP == 0
+        self.ier & IER_RDI != 0 && self.mcr & (MCR_OUT2 | MCR_LOOP) == MCR_OUT2
     }
 
     /// Queues as much of `input` as the receive FIFO takes; returns how much it took. Takes
@@ -353,7 +356,15 @@ mod tests {
             0,
             "input reached a UART whose driver does not listen"
         );
-        serial.lock().unwrap().write(IER, &[0x01]); // and listens again
+        serial.lock().unwrap().write(IER, &[0x01]); // receive interrupt without OUT2
+        thread::sleep(Duration::from_millis(30));
+        serial.lock().unwrap().read(LSR, &mut lsr);
+        assert_eq!(lsr[0] & 1, 0, "input reached a UART without OUT2");
+        serial.lock().unwrap().write(MCR, &[MCR_OUT2 | MCR_LOOP]);
+        thread::sleep(Duration::from_millis(30));
+        serial.lock().unwrap().read(LSR, &mut lsr);
+        assert_eq!(lsr[0] & 1, 0, "input reached a UART in loopback");
+        serial.lock().unwrap().write(MCR, &[MCR_OUT2]); // and listens
         let mut got = Vec::new();
         while got.len() < 100 {
             let mut s = serial.lock().unwrap();
