@@ -1,4 +1,5 @@
-//! An initramfs as a tree of entries, written out as one `newc` archive.
+//! An initramfs as a tree of entries, written out as one `newc` archive (with the `cpio`
+//! crate's writer).
 //!
 //! Entries are keyed by their path inside L1, so adding the same shared library for two
 //! binaries stores it once, a later entry replaces an earlier one at the same path, and the
@@ -8,11 +9,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
-use crate::cpio::CpioWriter;
+use cpio::newc::{self, ModeFileType};
+use cpio::NewcBuilder;
 
 /// Errors from describing or writing an initramfs.
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +84,9 @@ impl FromStr for GuestPath {
             .clone()
             .all(|c| matches!(c, Component::Normal(_)));
         // `Path::components` drops `.` and repeated `/`, so reject them on the text.
-        let clean = !text.contains("//") && !text.split('/').any(|part| part == ".");
+        let clean = !text.contains("//")
+            && !text.contains('\0')
+            && !text.split('/').any(|part| part == ".");
         if absolute && normal && clean && components.next().is_some() && !text.ends_with('/') {
             Ok(Self(path.to_owned()))
         } else {
@@ -166,40 +170,87 @@ impl Initramfs {
     }
 
     /// Writes the tree as a `newc` archive to `out` and returns `out`.
-    pub fn write<W: Write>(&self, out: W) -> Result<W> {
-        let mut cpio = CpioWriter::new(out);
-        for (path, entry) in &self.entries {
+    ///
+    /// Entries get inode numbers 1, 2, ... in path order, owner root and mtime 0, so the same
+    /// tree gives the same bytes.
+    pub fn write<W: Write>(&self, mut out: W) -> Result<W> {
+        for (ino, (path, entry)) in (1..).zip(&self.entries) {
             let name = path.archive_name();
+            let header = NewcBuilder::new(&name).ino(ino);
             let written = match entry {
-                Entry::Directory => cpio.directory(&name, 0o755),
-                Entry::Symlink { target } => cpio.symlink(&name, target),
-                Entry::CharDevice { perm, major, minor } => {
-                    cpio.char_device(&name, *perm, *major, *minor)
-                }
-                Entry::File {
-                    source: FileSource::Bytes(bytes),
-                    perm,
-                } => cpio.file(&name, *perm, bytes.len() as u64, bytes.as_slice()),
-                Entry::File {
-                    source: FileSource::Host(host),
-                    perm,
-                } => {
-                    let read_error = |source| Error::ReadSource {
-                        path: host.clone(),
-                        source,
-                    };
-                    let file = File::open(host).map_err(read_error)?;
-                    let size = file.metadata().map_err(read_error)?.len();
-                    cpio.file(&name, *perm, size, file)
+                Entry::Directory => write_empty(
+                    header
+                        .mode(0o755)
+                        .set_mode_file_type(ModeFileType::Directory)
+                        .nlink(2),
+                    out,
+                ),
+                Entry::Symlink { target } => write_data(
+                    header.mode(0o777).set_mode_file_type(ModeFileType::Symlink),
+                    out,
+                    target.len() as u64,
+                    target.as_bytes(),
+                ),
+                Entry::CharDevice { perm, major, minor } => write_empty(
+                    header
+                        .mode(perm & 0o7777)
+                        .set_mode_file_type(ModeFileType::Char)
+                        .rdev_major(*major)
+                        .rdev_minor(*minor),
+                    out,
+                ),
+                Entry::File { source, perm } => {
+                    let header = header
+                        .mode(perm & 0o7777)
+                        .set_mode_file_type(ModeFileType::Regular);
+                    match source {
+                        FileSource::Bytes(bytes) => {
+                            write_data(header, out, bytes.len() as u64, bytes.as_slice())
+                        }
+                        FileSource::Host(host) => {
+                            let read_error = |source| Error::ReadSource {
+                                path: host.clone(),
+                                source,
+                            };
+                            let file = File::open(host).map_err(read_error)?;
+                            let size = file.metadata().map_err(read_error)?.len();
+                            write_data(header, out, size, file)
+                        }
+                    }
                 }
             };
-            written.map_err(|source| Error::Write { path: name, source })?;
+            out = written.map_err(|source| Error::Write { path: name, source })?;
         }
-        cpio.finish().map_err(|source| Error::Write {
+        newc::trailer(out).map_err(|source| Error::Write {
             path: "TRAILER!!!".to_owned(),
             source,
         })
     }
+}
+
+/// Writes an entry without data (a directory or a device node).
+fn write_empty<W: Write>(header: NewcBuilder, out: W) -> io::Result<W> {
+    header.write(out, 0).finish()
+}
+
+/// Writes an entry with exactly `size` bytes read from `data`.
+fn write_data<W: Write>(header: NewcBuilder, out: W, size: u64, data: impl Read) -> io::Result<W> {
+    let size32 = u32::try_from(size).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{size} bytes is too large for a newc archive"),
+        )
+    })?;
+    let mut entry = header.write(out, size32);
+    let copied = io::copy(&mut data.take(size), &mut entry)?;
+    // The cpio writer would pad and carry on after short data; the archive would be corrupt.
+    if copied != size {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("expected {size} bytes, read {copied}"),
+        ));
+    }
+    entry.finish()
 }
 
 #[cfg(test)]
@@ -221,6 +272,7 @@ mod tests {
             "//bin",
             "/bin/",
             "/a//b",
+            "/a\0b",
         ] {
             assert!(bad.parse::<GuestPath>().is_err(), "{bad:?} accepted");
         }
@@ -276,5 +328,84 @@ mod tests {
         );
         let err = image.write(Vec::new()).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/x"), "{err}");
+    }
+
+    /// One archive entry as the tests compare it: name, mode, nlink, rdev and data.
+    type ReadEntry = (String, u32, u32, (u32, u32), Vec<u8>);
+
+    /// Every entry of `archive`.
+    fn read_back(archive: &[u8]) -> Vec<ReadEntry> {
+        let mut entries = Vec::new();
+        let mut rest = archive;
+        loop {
+            let mut reader = cpio::NewcReader::new(rest).unwrap();
+            if reader.entry().is_trailer() {
+                return entries;
+            }
+            let entry = reader.entry().clone();
+            let mut data = Vec::new();
+            reader.read_to_end(&mut data).unwrap();
+            entries.push((
+                entry.name().to_owned(),
+                entry.mode(),
+                entry.nlink(),
+                (entry.rdev_major(), entry.rdev_minor()),
+                data,
+            ));
+            rest = reader.finish().unwrap();
+        }
+    }
+
+    fn sample() -> Vec<u8> {
+        let mut image = Initramfs::new();
+        image.add_char_device(&path("/dev/console"), 0o600, 5, 1);
+        image.add_file(
+            &path("/init"),
+            FileSource::Bytes(b"#!/bin/sh\n".to_vec()),
+            0o755,
+        );
+        image.add_symlink(&path("/bin/sh"), "busybox");
+        image.write(Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn archive_carries_types_devices_and_data() {
+        let archive = sample();
+        assert!(archive.starts_with(b"070701"), "not a newc archive");
+        assert_eq!(archive.len() % 4, 0);
+        assert_eq!(
+            read_back(&archive),
+            [
+                ("bin".into(), 0o040755, 2, (0, 0), vec![]),
+                ("bin/sh".into(), 0o120777, 1, (0, 0), b"busybox".to_vec()),
+                ("dev".into(), 0o040755, 2, (0, 0), vec![]),
+                ("dev/console".into(), 0o020600, 1, (5, 1), vec![]),
+                ("init".into(), 0o100755, 1, (0, 0), b"#!/bin/sh\n".to_vec()),
+            ]
+        );
+        assert_eq!(sample(), archive, "the same tree gives the same bytes");
+    }
+
+    #[test]
+    fn gnu_cpio_reads_the_archive() {
+        let mut child = std::process::Command::new("cpio")
+            .args(["-t", "--quiet"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&sample()).unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "bin\nbin/sh\ndev\ndev/console\ninit\n"
+        );
+    }
+
+    #[test]
+    fn short_data_is_an_error() {
+        let header = NewcBuilder::new("f");
+        assert!(write_data(header, Vec::new(), 10, &b"abc"[..]).is_err());
     }
 }

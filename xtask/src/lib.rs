@@ -7,7 +7,7 @@
 //! run inside that guest (L1) against a real vendor module.
 //!
 //! * [`debian`] fetches and caches the L1 kernel package (no registry access once cached);
-//! * [`image`], [`cpio`], [`payload`] and [`elf`] build the initramfs;
+//! * [`image`], [`payload`] and [`elf`] build the initramfs;
 //! * [`init_script`] and [`protocol`] define what L1 runs and how it reports back;
 //! * [`qemu`] boots it, and [`l1`] ties the pieces together;
 //! * [`nested`] and [`nested_tests`] are the `nested` and `nested-tests` tasks;
@@ -29,7 +29,6 @@ pub mod ci;
 pub mod cli;
 pub mod command;
 pub mod coverage;
-pub mod cpio;
 pub mod debian;
 pub mod demo;
 pub mod elf;

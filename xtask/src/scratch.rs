@@ -2,35 +2,42 @@
 
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// A directory that exists for the lifetime of this value.
+use tempfile::TempDir;
+
+/// A directory that exists for the lifetime of this value (a [`TempDir`] under the cache).
 #[derive(Debug)]
-pub struct ScratchDir {
-    path: PathBuf,
-}
+pub struct ScratchDir(TempDir);
 
 impl ScratchDir {
-    /// Creates `<parent>/run-<pid>`, emptying it first if a crashed run with the same process
-    /// id left it behind.
+    /// Creates a fresh `<parent>/run-XXXXXX` (and `parent` if it is missing).
     pub fn create(parent: &Path) -> io::Result<Self> {
-        let path = parent.join(format!("run-{}", std::process::id()));
-        if path.exists() {
-            fs::remove_dir_all(&path)?;
-        }
-        fs::create_dir_all(&path)?;
-        Ok(Self { path })
+        fs::create_dir_all(parent)?;
+        tempfile::Builder::new()
+            .prefix("run-")
+            .tempdir_in(parent)
+            .map(Self)
     }
 
     /// The directory.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.0.path()
     }
 }
 
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        // Best effort: a leftover directory only costs disk space and is reused by pid.
-        let _ = fs::remove_dir_all(&self.path);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lives_under_the_parent_until_dropped() {
+        let parent = TempDir::new().unwrap();
+        let scratch = ScratchDir::create(&parent.path().join("cache")).unwrap();
+        let path = scratch.path().to_owned();
+        assert!(path.starts_with(parent.path().join("cache")), "{path:?}");
+        fs::write(path.join("initrd.cpio"), b"x").unwrap();
+        drop(scratch);
+        assert!(!path.exists(), "{path:?} left behind");
     }
 }
