@@ -4,10 +4,11 @@
 //! crate) and `smoke` (workspace level). They use a libtest-mimic harness, so each binary
 //! runs on its own and prints libtest's `test result:` line.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use serde::Deserialize;
+use cargo_metadata::{Message, MetadataCommand, PackageId, TargetKind};
 
 use crate::command::{self, CommandLine};
 
@@ -21,14 +22,17 @@ pub enum Error {
     #[error("cannot build the test binaries")]
     Build(#[source] command::Error),
     /// Cargo printed a line that is not a JSON message.
-    #[error("cannot parse cargo message {line:?}")]
-    Message {
+    #[error("cargo printed {line:?} among its JSON messages")]
+    NotJson {
         /// The line.
         line: String,
-        /// The parse error.
-        #[source]
-        source: serde_json::Error,
     },
+    /// Cargo's messages could not be read.
+    #[error("cannot read cargo's messages")]
+    Read(#[source] std::io::Error),
+    /// The workspace's packages could not be listed.
+    #[error("cannot list the workspace's packages with `cargo metadata`")]
+    Metadata(#[source] cargo_metadata::Error),
     /// Nothing to run.
     #[error("no `kvm` or `smoke` test targets in the selected packages")]
     NoTestBinaries,
@@ -53,27 +57,6 @@ impl TestBinary {
     pub fn label(&self) -> String {
         format!("{}/{}", self.package, self.target)
     }
-}
-
-/// The fields of a cargo JSON message this module reads.
-#[derive(Debug, Deserialize)]
-struct Message {
-    reason: String,
-    package_id: Option<String>,
-    target: Option<Target>,
-    profile: Option<Profile>,
-    executable: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Target {
-    name: String,
-    kind: Vec<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Profile {
-    test: bool,
 }
 
 /// Runs `cargo test --no-run` in `workspace` for `packages` (all members if empty) with the
@@ -110,7 +93,16 @@ pub fn build(workspace: &Path, packages: &[String]) -> Result<Vec<TestBinary>> {
             stderr: "(see above)".to_owned(),
         }));
     }
-    let binaries = select(&String::from_utf8_lossy(&output.stdout))?;
+    let members = MetadataCommand::new()
+        .current_dir(workspace)
+        .no_deps()
+        .exec()
+        .map_err(Error::Metadata)?
+        .packages
+        .into_iter()
+        .map(|package| (package.id, package.name.to_string()))
+        .collect();
+    let binaries = select(&output.stdout, &members)?;
     if binaries.is_empty() {
         return Err(Error::NoTestBinaries);
     }
@@ -118,31 +110,31 @@ pub fn build(workspace: &Path, packages: &[String]) -> Result<Vec<TestBinary>> {
 }
 
 /// Picks the `kvm`/`smoke` integration-test executables out of cargo's JSON messages,
-/// sorted by label.
-fn select(messages: &str) -> Result<Vec<TestBinary>> {
+/// sorted by label; `members` names the workspace's packages.
+fn select(messages: &[u8], members: &HashMap<PackageId, String>) -> Result<Vec<TestBinary>> {
     let mut binaries = Vec::new();
-    for line in messages.lines().filter(|line| !line.trim().is_empty()) {
-        let message: Message = serde_json::from_str(line).map_err(|source| Error::Message {
-            line: line.to_owned(),
-            source,
-        })?;
-        if message.reason != "compiler-artifact" {
-            continue;
-        }
-        let (Some(target), Some(profile), Some(executable), Some(package_id)) = (
-            message.target,
-            message.profile,
-            message.executable,
-            message.package_id,
+    for message in Message::parse_stream(messages) {
+        let artifact = match message.map_err(Error::Read)? {
+            Message::CompilerArtifact(artifact) => artifact,
+            Message::TextLine(line) => return Err(Error::NotJson { line }),
+            _ => continue,
+        };
+        let (Some(executable), Some(target)) = (
+            artifact.executable,
+            NESTED_TEST_TARGETS
+                .iter()
+                .find(|name| **name == artifact.target.name),
         ) else {
             continue;
         };
-        let integration_test = target.kind.iter().any(|kind| kind == "test");
-        if profile.test && integration_test && NESTED_TEST_TARGETS.contains(&target.name.as_str()) {
+        if artifact.profile.test && artifact.target.is_kind(TargetKind::Test) {
             binaries.push(TestBinary {
-                package: package_name(&package_id),
-                target: target.name,
-                executable,
+                package: members
+                    .get(&artifact.package_id)
+                    .cloned()
+                    .unwrap_or(artifact.package_id.repr),
+                target: (*target).to_owned(),
+                executable: executable.into(),
             });
         }
     }
@@ -151,65 +143,59 @@ fn select(messages: &str) -> Result<Vec<TestBinary>> {
     Ok(binaries)
 }
 
-/// The package name in a cargo package ID.
-///
-/// Cargo 1.77 and later print a package ID spec, `path+file:///dir/name#name@1.0.0`, or
-/// `path+file:///dir/name#1.0.0` when the name is the last path segment; older versions
-/// print `name 1.0.0 (path+file:///dir/name)`.
-fn package_name(package_id: &str) -> String {
-    match package_id.split_once('#') {
-        Some((url, fragment)) => match fragment.split_once('@') {
-            Some((name, _version)) => name.to_owned(),
-            None => url
-                .split(['?', '#'])
-                .next()
-                .unwrap_or(url)
-                .trim_end_matches('/')
-                .rsplit('/')
-                .next()
-                .unwrap_or(url)
-                .to_owned(),
-        },
-        None => package_id
-            .split_whitespace()
-            .next()
-            .unwrap_or(package_id)
-            .to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const SYNC_REGS: &str = "path+file:///w/crates/sync-regs#0.1.0";
+    const WORKSPACE_TESTS: &str = "path+file:///w/tests#workspace-tests@0.1.0";
+
+    /// A `compiler-artifact` message as cargo 1.95 prints it.
     fn artifact(package_id: &str, name: &str, kind: &str, test: bool, exe: Option<&str>) -> String {
         serde_json::json!({
             "reason": "compiler-artifact",
             "package_id": package_id,
-            "target": { "name": name, "kind": [kind] },
-            "profile": { "test": test },
+            "manifest_path": "/w/Cargo.toml",
+            "target": {
+                "name": name,
+                "kind": [kind],
+                "crate_types": ["bin"],
+                "src_path": "/w/src/x.rs",
+                "edition": "2021",
+                "doc": false,
+                "doctest": false,
+                "test": true,
+            },
+            "profile": {
+                "opt_level": "0",
+                "debuginfo": 2,
+                "debug_assertions": true,
+                "overflow_checks": true,
+                "test": test,
+            },
+            "features": [],
+            "filenames": [exe.unwrap_or("/t/liblibc.rlib")],
             "executable": exe,
+            "fresh": true,
         })
         .to_string()
+    }
+
+    fn members() -> HashMap<PackageId, String> {
+        [
+            (SYNC_REGS, "sync-regs"),
+            (WORKSPACE_TESTS, "workspace-tests"),
+        ]
+        .into_iter()
+        .map(|(id, name)| (PackageId { repr: id.into() }, name.into()))
+        .collect()
     }
 
     #[test]
     fn selects_only_kvm_and_smoke_integration_tests() {
         let messages = [
-            artifact(
-                "path+file:///w/crates/sync-regs#0.1.0",
-                "kvm",
-                "test",
-                true,
-                Some("/t/kvm-1"),
-            ),
-            artifact(
-                "path+file:///w/tests#workspace-tests@0.1.0",
-                "smoke",
-                "test",
-                true,
-                Some("/t/smoke-2"),
-            ),
+            artifact(SYNC_REGS, "kvm", "test", true, Some("/t/kvm-1")),
+            artifact(WORKSPACE_TESTS, "smoke", "test", true, Some("/t/smoke-2")),
             // A unit-test binary of a library that happens to be called `kvm`.
             artifact(
                 "path+file:///w/crates/kvm#0.1.0",
@@ -219,21 +205,9 @@ mod tests {
                 Some("/t/kvm-3"),
             ),
             // Another integration test.
-            artifact(
-                "path+file:///w/crates/sync-regs#0.1.0",
-                "layout",
-                "test",
-                true,
-                Some("/t/layout-4"),
-            ),
+            artifact(SYNC_REGS, "layout", "test", true, Some("/t/layout-4")),
             // A non-test build of a `smoke` binary.
-            artifact(
-                "path+file:///w/tests#workspace-tests@0.1.0",
-                "smoke",
-                "bin",
-                false,
-                Some("/t/smoke"),
-            ),
+            artifact(WORKSPACE_TESTS, "smoke", "bin", false, Some("/t/smoke")),
             artifact(
                 "registry+https://github.com/rust-lang/crates.io-index#libc@0.2.0",
                 "libc",
@@ -244,7 +218,7 @@ mod tests {
             r#"{"reason":"build-finished","success":true}"#.to_owned(),
         ]
         .join("\n");
-        let selected = select(&messages).unwrap();
+        let selected = select(messages.as_bytes(), &members()).unwrap();
         assert_eq!(
             selected,
             [
@@ -265,22 +239,6 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error() {
-        assert!(select("Compiling foo\n").is_err());
-    }
-
-    #[test]
-    fn package_names_from_all_id_formats() {
-        assert_eq!(
-            package_name("path+file:///w/tests#workspace-tests@0.1.0"),
-            "workspace-tests"
-        );
-        assert_eq!(
-            package_name("path+file:///w/crates/sync-regs#0.1.0"),
-            "sync-regs"
-        );
-        assert_eq!(
-            package_name("sync-regs 0.1.0 (path+file:///w/crates/sync-regs)"),
-            "sync-regs"
-        );
+        assert!(select(b"Compiling foo\n", &members()).is_err());
     }
 }

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use cargo_metadata::{MetadataCommand, TargetKind};
 
 use crate::coverage;
 use crate::l1;
@@ -47,9 +47,9 @@ pub enum Error {
         /// How it ended.
         status: std::process::ExitStatus,
     },
-    /// `cargo metadata` printed something unexpected.
+    /// `cargo metadata` failed or printed something unexpected.
     #[error("cannot read the workspace members from `cargo metadata`")]
-    Metadata(#[source] serde_json::Error),
+    Metadata(#[source] cargo_metadata::Error),
     /// The minimal-versions build failed or could not run.
     #[error(transparent)]
     MinimalVersions(#[from] minimal_versions::Error),
@@ -457,52 +457,32 @@ impl Member {
     }
 }
 
-#[derive(Deserialize)]
-struct Metadata {
-    packages: Vec<MetaPackage>,
-}
-
-#[derive(Deserialize)]
-struct MetaPackage {
-    name: String,
-    targets: Vec<MetaTarget>,
-    /// `null` when any registry may have it, `[]` for `publish = false`.
-    publish: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-struct MetaTarget {
-    name: String,
-    kind: Vec<String>,
-}
-
 fn workspace_members(workspace: &Path) -> Result<Vec<Member>> {
-    let mut command = cargo(workspace);
-    command.args(["metadata", "--no-deps", "--format-version", "1", "--locked"]);
-    let output = command.output().map_err(|source| Error::Spawn {
-        step: "cargo metadata".into(),
-        source,
-    })?;
-    if !output.status.success() {
-        return Err(Error::StepFailed {
-            step: "cargo metadata".into(),
-            status: output.status,
-        });
-    }
-    let metadata: Metadata = serde_json::from_slice(&output.stdout).map_err(Error::Metadata)?;
+    let metadata = MetadataCommand::new()
+        .current_dir(workspace)
+        .no_deps()
+        .other_options(vec!["--locked".to_owned()])
+        .exec()
+        .map_err(Error::Metadata)?;
     Ok(metadata
         .packages
         .into_iter()
         .map(|p| Member {
-            name: p.name,
+            name: p.name.to_string(),
+            // `None` when any registry may have it, `[]` for `publish = false`.
             publish: p.publish.is_none_or(|registries| !registries.is_empty()),
             examples: p
                 .targets
                 .iter()
-                .filter(|t| t.kind.iter().any(|k| k == "example"))
+                .filter(|t| t.is_kind(TargetKind::Example))
                 .map(|t| t.name.clone())
                 .collect(),
-            kinds: p.targets.into_iter().flat_map(|t| t.kind).collect(),
+            kinds: p
+                .targets
+                .iter()
+                .flat_map(|t| &t.kind)
+                .map(ToString::to_string)
+                .collect(),
         })
         .collect())
 }
@@ -611,5 +591,16 @@ mod tests {
             bin_with_tests.integration_test_targets(),
             Some(vec!["--test", "*"])
         );
+    }
+
+    #[test]
+    fn this_workspace_lists_its_members_targets_and_publishability() {
+        let members = workspace_members(&crate::workspace_root()).unwrap();
+        let member = |name: &str| members.iter().find(|m| m.name == name).unwrap();
+        assert!(!member("xtask").publish);
+        assert!(member("xtask").has("bin") && member("xtask").has("test"));
+        let featctl = member("msr-featctl");
+        assert!(featctl.publish && featctl.has("lib"));
+        assert_eq!(featctl.examples, ["vmm_msr_filter"]);
     }
 }
