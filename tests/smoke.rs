@@ -3,7 +3,7 @@
 //! host, proof that the run was on the KVM vendor module the host promised.
 
 use kvm_test_support::harness::{self, vendor_module};
-use kvm_test_support::{ensure, GuestExit, KvmTest, TestError, TestResult, TinyGuest};
+use kvm_test_support::{ensure, ensure_eq, GuestExit, KvmTest, TestError, TestResult, TinyGuest};
 
 const COM1: u16 = 0x3f8;
 
@@ -47,8 +47,9 @@ fn nested_host_runs_the_promised_vendor_module(_kvm: &kvm_ioctls::Kvm) -> TestRe
         ));
     };
     let found = vendor_module();
-    ensure!(
-        found == Some(promised.as_str()),
+    ensure_eq!(
+        found,
+        Some(promised.as_str()),
         "nested host promised {promised}, /sys/module shows {found:?}"
     );
     Ok(())

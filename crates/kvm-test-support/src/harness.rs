@@ -75,6 +75,43 @@ macro_rules! ensure {
     };
 }
 
+/// Returns `Err(TestError::Fail)` unless the two values are equal; the message says what was
+/// compared, with both values (`Debug`), and the optional formatted context.
+///
+/// ```
+/// use kvm_test_support::{ensure_eq, TestResult};
+///
+/// fn check(rax: u64) -> TestResult {
+///     ensure_eq!(rax, 0x42, "RAX after the guest's `mov`");
+///     Ok(())
+/// }
+/// assert!(check(0x42).is_ok());
+/// let message = check(7).unwrap_err().to_string();
+/// assert_eq!(message, "RAX after the guest's `mov`: `rax` is 7, expected 66 (`0x42`)");
+/// ```
+#[macro_export]
+macro_rules! ensure_eq {
+    ($left:expr, $right:expr $(,)?) => {
+        $crate::ensure_eq!($left, $right, "values differ")
+    };
+    ($left:expr, $right:expr, $($fmt:tt)+) => {
+        match (&$left, &$right) {
+            (left, right) => {
+                if !(*left == *right) {
+                    return Err($crate::TestError::fail(format!(
+                        "{}: `{}` is {:?}, expected {:?} (`{}`)",
+                        format_args!($($fmt)+),
+                        stringify!($left),
+                        left,
+                        right,
+                        stringify!($right),
+                    )));
+                }
+            }
+        }
+    };
+}
+
 /// A host feature a test needs before it can run.
 #[derive(Debug, Clone)]
 pub enum Requirement {

@@ -1,7 +1,7 @@
 //! KVM tests of the kit itself: that its guests start where and how it says.
 
 use kvm_test_support::guest::{TinyGuest, CODE_ADDR, STACK_TOP};
-use kvm_test_support::{ensure, harness, GuestExit, KvmTest, TestResult};
+use kvm_test_support::{ensure, ensure_eq, harness, GuestExit, KvmTest, TestResult};
 
 /// Real mode: the vCPU starts at CODE_ADDR (CS base) with the stack the kit promises.
 fn real_mode_entry_state(kvm: &kvm_ioctls::Kvm) -> TestResult {
@@ -9,19 +9,16 @@ fn real_mode_entry_state(kvm: &kvm_ioctls::Kvm) -> TestResult {
     let mut guest = TinyGuest::real_mode(kvm, &[0xf4])?;
     guest.expect_exit(GuestExit::Hlt)?;
     let regs = guest.vcpu.get_regs()?;
-    ensure!(regs.rip == 1, "ip after hlt is {:#x}", regs.rip);
-    ensure!(regs.rsp == STACK_TOP, "rsp is {:#x}", regs.rsp);
+    ensure_eq!(regs.rip, 1, "ip after hlt is {:#x}", regs.rip);
+    ensure_eq!(regs.rsp, STACK_TOP, "rsp is {:#x}", regs.rsp);
     let sregs = guest.vcpu.get_sregs()?;
-    ensure!(
-        sregs.cr0 & 1 == 0,
+    ensure_eq!(
+        sregs.cr0 & 1,
+        0,
         "CR0.PE set in real mode: {:#x}",
         sregs.cr0
     );
-    ensure!(
-        sregs.cs.base == CODE_ADDR,
-        "CS base is {:#x}",
-        sregs.cs.base
-    );
+    ensure_eq!(sregs.cs.base, CODE_ADDR, "CS base is {:#x}", sregs.cs.base);
     Ok(())
 }
 
@@ -42,8 +39,9 @@ fn long_mode_paging_and_mmio(kvm: &kvm_ioctls::Kvm) -> TestResult {
     })?;
     guest.expect_exit(GuestExit::Hlt)?;
     let stored = guest.read(0x9000, 8)?;
-    ensure!(
-        stored == 0x1122_3344_5566_7788u64.to_le_bytes(),
+    ensure_eq!(
+        stored,
+        0x1122_3344_5566_7788u64.to_le_bytes(),
         "guest store through the identity map left {stored:02x?}"
     );
     let sregs = guest.vcpu.get_sregs()?;

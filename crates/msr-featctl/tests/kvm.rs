@@ -8,7 +8,7 @@
 use kvm_ioctls::{Cap, Kvm, MsrExitReason, MsrFilterDefaultAction, MsrFilterRangeFlags, VcpuExit};
 use kvm_test_support::guest::{Mode as GuestMode, CODE_ADDR};
 use kvm_test_support::harness::{self, vendor_module};
-use kvm_test_support::{ensure, KvmTest, Requirement, TestError, TestResult, TinyGuest};
+use kvm_test_support::{ensure, ensure_eq, KvmTest, Requirement, TestError, TestResult, TinyGuest};
 use msr_featctl::emulated::{self, FilterError, FilterRange, MsrExitAnswer, MsrFilter};
 use msr_featctl::feature_msrs::{self, FeatureMsrs, VcpuFeatureMsrs, VmxCapabilities, VmxControls};
 use msr_featctl::mode::{self, ProbeVerdict, Unavailable};
@@ -125,8 +125,9 @@ fn run_to_hlt(
             _ => None,
         };
         if let Some((reason, index)) = reason {
-            ensure!(
-                reason == MsrExitReason::Filter,
+            ensure_eq!(
+                reason,
+                MsrExitReason::Filter,
                 "MSR {index:#x} exit with reason {reason:?}, expected the filter"
             );
             match state.handle_exit(&mut exit) {
@@ -179,8 +180,9 @@ fn guest_rdmsr_sees_host_set_value(kvm: &Kvm) -> TestResult {
     };
     let value = FeatureControl::LOCKED | FeatureControl::VMX_OUTSIDE_SMX | FeatureControl::LMCE;
     let mut state = EmulatedFeatureControl::new(features);
-    ensure!(
-        state.set_from_host(value.bits()) == Ok(value),
+    ensure_eq!(
+        state.set_from_host(value.bits()),
+        Ok(value),
         "host write of {value} refused"
     );
     let code = [
@@ -191,15 +193,13 @@ fn guest_rdmsr_sees_host_set_value(kvm: &Kvm) -> TestResult {
     .concat();
     let mut guest = emulated_guest(kvm, &code)?;
     let events = run_to_hlt(&mut guest, &mut state)?;
-    ensure!(
-        events == [Event::Msr(MsrExitAnswer::Read(value)), Event::Out(1)],
+    ensure_eq!(
+        events,
+        [Event::Msr(MsrExitAnswer::Read(value)), Event::Out(1)],
         "events {events:?}"
     );
     let seen = read_result(&guest)?;
-    ensure!(
-        seen == value.bits(),
-        "guest read {seen:#x}, host set {value}"
-    );
+    ensure_eq!(seen, value.bits(), "guest read {seen:#x}, host set {value}");
     Ok(())
 }
 
@@ -232,13 +232,10 @@ fn guest_wrmsr_accepted_until_locked(kvm: &Kvm) -> TestResult {
         }),
         Event::Out(GP_MARKER),
     ];
-    ensure!(
-        events == expected,
-        "events {events:?}, expected {expected:?}"
-    );
+    ensure_eq!(events, expected, "events {events:?}, expected {expected:?}");
     let seen = read_result(&guest)?;
-    ensure!(seen == locked_vmx.bits(), "guest read back {seen:#x}");
-    ensure!(state.value() == locked_vmx, "state is {}", state.value());
+    ensure_eq!(seen, locked_vmx.bits(), "guest read back {seen:#x}");
+    ensure_eq!(state.value(), locked_vmx, "state is {}", state.value());
     Ok(())
 }
 
@@ -259,12 +256,10 @@ fn guest_wrmsr_of_firmware_locked_value_faults(kvm: &Kvm) -> TestResult {
         gp(GpReason::Locked { current: firmware }),
         Event::Out(GP_MARKER),
     ];
-    ensure!(
-        events == expected,
-        "events {events:?}, expected {expected:?}"
-    );
-    ensure!(
-        state.value() == firmware,
+    ensure_eq!(events, expected, "events {events:?}, expected {expected:?}");
+    ensure_eq!(
+        state.value(),
+        firmware,
         "state changed to {}",
         state.value()
     );
@@ -299,12 +294,14 @@ fn guest_wrmsr_of_invalid_bits_faults(kvm: &Kvm) -> TestResult {
         let mut state = EmulatedFeatureControl::new(vmx());
         let events = run_to_hlt(&mut guest, &mut state)?;
         let expected = [gp(reason), Event::Out(GP_MARKER)];
-        ensure!(
-            events == expected,
+        ensure_eq!(
+            events,
+            expected,
             "write {value:#x}: events {events:?}, expected {expected:?}"
         );
-        ensure!(
-            state.value() == FeatureControl::empty(),
+        ensure_eq!(
+            state.value(),
+            FeatureControl::empty(),
             "write {value:#x} changed the state to {}",
             state.value()
         );
@@ -318,8 +315,9 @@ fn guest_read_modify_write_of_host_value(kvm: &Kvm) -> TestResult {
     let host = FeatureControl::VMX_INSIDE_SMX | FeatureControl::VMX_OUTSIDE_SMX;
     let locked = host | FeatureControl::LOCKED;
     let mut state = EmulatedFeatureControl::new(vmx());
-    ensure!(
-        state.set_from_host(host.bits()) == Ok(host),
+    ensure_eq!(
+        state.set_from_host(host.bits()),
+        Ok(host),
         "host write refused"
     );
     let code = [
@@ -340,12 +338,9 @@ fn guest_read_modify_write_of_host_value(kvm: &Kvm) -> TestResult {
         Event::Out(1),
         Event::Msr(MsrExitAnswer::Read(locked)),
     ];
-    ensure!(
-        events == expected,
-        "events {events:?}, expected {expected:?}"
-    );
+    ensure_eq!(events, expected, "events {events:?}, expected {expected:?}");
     let seen = read_result(&guest)?;
-    ensure!(seen == locked.bits(), "guest read back {seen:#x}");
+    ensure_eq!(seen, locked.bits(), "guest read back {seen:#x}");
     Ok(())
 }
 
@@ -362,7 +357,7 @@ fn save_restore_keeps_value_and_lock(kvm: &Kvm) -> TestResult {
     let mut first = emulated_guest(kvm, &code)?;
     let mut state = EmulatedFeatureControl::new(features);
     let events = run_to_hlt(&mut first, &mut state)?;
-    ensure!(events == [accepted(value)], "first guest: {events:?}");
+    ensure_eq!(events, [accepted(value)], "first guest: {events:?}");
     let snapshot = state.snapshot();
     drop(first);
     ensure!(snapshot.is_locked(), "snapshot {snapshot:?} not locked");
@@ -384,12 +379,13 @@ fn save_restore_keeps_value_and_lock(kvm: &Kvm) -> TestResult {
         gp(GpReason::Locked { current: value }),
         Event::Out(GP_MARKER),
     ];
-    ensure!(
-        events == expected,
+    ensure_eq!(
+        events,
+        expected,
         "restored guest: {events:?}, expected {expected:?}"
     );
     let seen = read_result(&second)?;
-    ensure!(seen == value.bits(), "restored guest read {seen:#x}");
+    ensure_eq!(seen, value.bits(), "restored guest read {seen:#x}");
     Ok(())
 }
 
@@ -416,18 +412,20 @@ fn probe_proves_what_kvm_does(kvm: &Kvm) -> TestResult {
             verdict != ProbeVerdict::HeldByKvm,
             "{vendor:?} reported as holding MSR 0x3a"
         ),
-        Some("kvm_intel") => ensure!(
-            verdict == ProbeVerdict::HeldByKvm,
+        Some("kvm_intel") => ensure_eq!(
+            verdict,
+            ProbeVerdict::HeldByKvm,
             "kvm_intel not holding MSR 0x3a: {verdict}"
         ),
         _ => {}
     }
     let again = mode::probe_msr(kvm)?;
-    ensure!(again == verdict, "probe gave {verdict:?}, then {again:?}");
+    ensure_eq!(again, verdict, "probe gave {verdict:?}, then {again:?}");
     let report = msr_featctl::probe(kvm)?;
     eprintln!("{report}");
-    ensure!(
-        report.verdict == verdict,
+    ensure_eq!(
+        report.verdict,
+        verdict,
         "report verdict {:?}",
         report.verdict
     );
@@ -459,7 +457,7 @@ fn resolve_never_emulates_where_kvm_holds_the_msr(kvm: &Kvm) -> TestResult {
     let native = mode::resolve(kvm, Mode::Native);
     let emulated = mode::resolve(kvm, Mode::Emulated);
     if verdict == ProbeVerdict::HeldByKvm {
-        ensure!(auto.mode == ResolvedMode::Native, "automatic {auto}");
+        ensure_eq!(auto.mode, ResolvedMode::Native, "automatic {auto}");
         ensure!(
             matches!(native, Ok(r) if r.mode == ResolvedMode::Native && r.requested),
             "native: {native:?}"
@@ -475,7 +473,7 @@ fn resolve_never_emulates_where_kvm_holds_the_msr(kvm: &Kvm) -> TestResult {
             "emulated where KVM holds the MSR: {emulated:?}"
         );
     } else {
-        ensure!(auto.mode == ResolvedMode::Emulated, "automatic {auto}");
+        ensure_eq!(auto.mode, ResolvedMode::Emulated, "automatic {auto}");
         ensure!(
             matches!(emulated, Ok(r) if r.mode == ResolvedMode::Emulated && r.requested),
             "emulated: {emulated:?}"
@@ -581,8 +579,9 @@ fn probe_leaves_the_xstate_guest_permission_alone(_kvm: &Kvm) -> TestResult {
         )));
     }
     let after_probe = run_perm_child("probe")?;
-    ensure!(
-        after_probe == 0,
+    ensure_eq!(
+        after_probe,
+        0,
         "AMX guest permission request after the probe answered errno {after_probe}"
     );
     Ok(())
@@ -612,20 +611,22 @@ fn native_path_on_a_configured_vcpu(kvm: &Kvm) -> TestResult {
     let support = KvmSupport::query(kvm)?;
     let configured = ConfiguredVcpu::configure(&guest.vcpu, &support.cpuid, None, &support)?;
     let value = native::apply_firmware_value(&configured)?;
-    ensure!(
-        value == configured.features().firmware_value(),
+    ensure_eq!(
+        value,
+        configured.features().firmware_value(),
         "applied {value}"
     );
     let read = native::read_native(&guest.vcpu)?;
-    ensure!(read == Some(value.bits()), "KVM_GET_MSRS reads {read:?}");
+    ensure_eq!(read, Some(value.bits()), "KVM_GET_MSRS reads {read:?}");
     let mut state = EmulatedFeatureControl::new(vmx()); // no filter: never consulted
     let events = run_to_hlt(&mut guest, &mut state)?;
-    ensure!(
-        events == [Event::Out(1), Event::Out(GP_MARKER)],
+    ensure_eq!(
+        events,
+        [Event::Out(1), Event::Out(GP_MARKER)],
         "native guest events {events:?}"
     );
     let seen = read_result(&guest)?;
-    ensure!(seen == value.bits(), "guest read {seen:#x}");
+    ensure_eq!(seen, value.bits(), "guest read {seen:#x}");
     Ok(())
 }
 
@@ -729,21 +730,20 @@ fn exit_reasons_are_exactly_the_ones_asked_for(kvm: &Kvm) -> TestResult {
         Seen::Out(1),
         Seen::Out(GP_MARKER),
     ];
-    ensure!(
-        seen == expected,
+    ensure_eq!(
+        seen,
+        expected,
         "UNKNOWN only: {seen:?}, expected {expected:?}"
     );
-    ensure!(
-        read_result(&guest)? == answer,
-        "guest did not get the answer"
-    );
+    ensure_eq!(read_result(&guest)?, answer, "guest did not get the answer");
 
     let mut guest = plain_guest(kvm, &code)?;
     emulated::enable_user_space_msr(&guest.vm, MsrExitReason::Filter)?;
     emulated::install_filter(&guest.vm)?;
     let seen = run_recording(&mut guest, answer)?;
-    ensure!(
-        seen == [Seen::Out(GP_MARKER)],
+    ensure_eq!(
+        seen,
+        [Seen::Out(GP_MARKER)],
         "FILTER only, unknown MSR first: {seen:?}"
     );
 
@@ -757,7 +757,7 @@ fn exit_reasons_are_exactly_the_ones_asked_for(kvm: &Kvm) -> TestResult {
         Seen::Read(MsrExitReason::Filter, 0x3a),
         Seen::Out(2),
     ];
-    ensure!(seen == expected, "both: {seen:?}, expected {expected:?}");
+    ensure_eq!(seen, expected, "both: {seen:?}, expected {expected:?}");
     Ok(())
 }
 
@@ -800,8 +800,9 @@ fn read_only_and_write_only_ranges(kvm: &Kvm) -> TestResult {
             Seen::Write(write_reason, MSR_NONEXISTENT, 0x77),
             Seen::Out(2),
         ];
-        ensure!(
-            seen == expected,
+        ensure_eq!(
+            seen,
+            expected,
             "{flags:?} range: {seen:?}, expected {expected:?}"
         );
     }
@@ -844,8 +845,9 @@ fn filters_are_validated_before_the_ioctl(kvm: &Kvm) -> TestResult {
 fn feature_msr_list_and_host_values(kvm: &Kvm) -> TestResult {
     let list = feature_msrs::feature_msr_index_list(kvm)?;
     let reference = kvm.get_msr_feature_index_list()?;
-    ensure!(
-        list == reference.as_slice(),
+    ensure_eq!(
+        list,
+        reference.as_slice(),
         "{list:x?} vs kvm-ioctls {:x?}",
         reference.as_slice()
     );
@@ -855,12 +857,9 @@ fn feature_msr_list_and_host_values(kvm: &Kvm) -> TestResult {
         "listed but unknown: {:x?}",
         host.unknown()
     );
-    ensure!(host.iter().count() == list.len(), "values for {:?}", host);
+    ensure_eq!(host.iter().count(), list.len(), "values for {:?}", host);
     let probe = feature_msrs::host_feature_msr_values(kvm, &[0x3a])?;
-    ensure!(
-        probe.unknown() == [0x3a],
-        "0x3a as a feature MSR: {probe:?}"
-    );
+    ensure_eq!(probe.unknown(), [0x3a], "0x3a as a feature MSR: {probe:?}");
     Ok(())
 }
 
@@ -901,8 +900,9 @@ fn feature_msrs_are_fixed_after_the_first_run(kvm: &Kvm) -> TestResult {
     );
     state.first_run();
     let exit = guest.run()?;
-    ensure!(
-        exit == kvm_test_support::GuestExit::Hlt,
+    ensure_eq!(
+        exit,
+        kvm_test_support::GuestExit::Hlt,
         "guest exit {exit:?}"
     );
     state.apply(&guest.vcpu, &accepted)?;
@@ -944,8 +944,9 @@ fn vmx_capabilities_narrow_on_kvm_intel(kvm: &Kvm) -> TestResult {
     }])?;
     guest.vcpu.get_msrs(&mut msrs)?;
     let read = msrs.as_slice()[0].data;
-    ensure!(
-        read == caps.value(VmxControls::Procbased2.index()).unwrap_or(0),
+    ensure_eq!(
+        read,
+        caps.value(VmxControls::Procbased2.index()).unwrap_or(0),
         "PROCBASED_CTLS2 reads {read:#x}"
     );
     Ok(())

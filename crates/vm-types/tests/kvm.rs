@@ -11,7 +11,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, KvmNestedStateBuffer, SyncReg, VcpuExit};
 use kvm_test_support::guest::CODE_ADDR;
 use kvm_test_support::{
-    ensure, harness, KvmTest, Mode, Requirement, TestError, TestResult, TinyGuest,
+    ensure, ensure_eq, harness, KvmTest, Mode, Requirement, TestError, TestResult, TinyGuest,
 };
 use vm_types::host::{self, Error};
 use vm_types::sys;
@@ -32,8 +32,9 @@ fn query_matches_the_capability(kvm: &Kvm) -> TestResult {
             "capability {raw:#x} but set {set:?}"
         );
     } else {
-        ensure!(
-            set == VmTypeSet::default_only(),
+        ensure_eq!(
+            set,
+            VmTypeSet::default_only(),
             "capability {raw} (not reported) but set {set:?}"
         );
     }
@@ -106,8 +107,9 @@ fn unsupported_types_are_refused_specifically(kvm: &Kvm) -> TestResult {
         }
         refused += 1;
     }
-    ensure!(
-        refused + supported.len() == 32,
+    ensure_eq!(
+        refused + supported.len(),
+        32,
         "refused {refused} types, host reports {}; together they must cover 0..32",
         supported.len()
     );
@@ -151,13 +153,14 @@ fn out_of_range_types_are_refused(kvm: &Kvm) -> TestResult {
 fn probe_reports_every_type(kvm: &Kvm) -> TestResult {
     let report = probe(kvm);
     eprintln!("{report}");
-    ensure!(
-        report.supported == supported_vm_types(kvm),
+    ensure_eq!(
+        report.supported,
+        supported_vm_types(kvm),
         "probe {:?} vs query {:?}",
         report.supported,
         supported_vm_types(kvm)
     );
-    ensure!(report.types.len() == VmType::ALL.len(), "{report:?}");
+    ensure_eq!(report.types.len(), VmType::ALL.len(), "{report:?}");
     for entry in &report.types {
         ensure!(
             entry.supported == report.supported.contains(entry.vm_type)
@@ -285,8 +288,9 @@ fn guard_refuses_before_the_kernel_is_asked(kvm: &Kvm) -> TestResult {
             });
             match (expected, result) {
                 (Err(want), Err(VcpuError::Refused(got))) => {
-                    ensure!(
-                        got == want,
+                    ensure_eq!(
+                        got,
+                        want,
                         "{ty}: {op} refused as {got:?}, model says {want:?}"
                     );
                     let msg = got.to_string();
@@ -308,8 +312,9 @@ fn guard_refuses_before_the_kernel_is_asked(kvm: &Kvm) -> TestResult {
         }
         vcpu = guarded.into_inner();
         let regs = vcpu.get_regs()?;
-        ensure!(
-            regs.rip == marker.rip,
+        ensure_eq!(
+            regs.rip,
+            marker.rip,
             "{ty}: rip is {:#x}, the refused KVM_SET_REGS reached the kernel",
             regs.rip
         );
@@ -357,8 +362,9 @@ fn typed_vm_protects_from_the_launch_step(kvm: &Kvm) -> TestResult {
         ..Default::default()
     };
     vcpu.set_regs(&setup)?;
-    ensure!(
-        vcpu.get_regs()?.rip == setup.rip,
+    ensure_eq!(
+        vcpu.get_regs()?.rip,
+        setup.rip,
         "pre-launch KVM_SET_REGS did not reach the kernel"
     );
     let sregs = vcpu.get_sregs()?;
@@ -395,8 +401,9 @@ fn typed_vm_protects_from_the_launch_step(kvm: &Kvm) -> TestResult {
         "a vCPU created after launch is not protected"
     );
     let raw = vcpu.into_inner();
-    ensure!(
-        raw.get_regs()?.rip == setup.rip,
+    ensure_eq!(
+        raw.get_regs()?.rip,
+        setup.rip,
         "a refused KVM_SET_REGS reached the kernel"
     );
     // A DEFAULT VM's launch changes nothing.
@@ -460,15 +467,15 @@ fn sregs2_through_the_guard(kvm: &Kvm) -> TestResult {
     let vcpu = vm.create_vcpu(0)?;
     let sregs = vcpu.get_sregs()?;
     let mut sregs2 = vcpu.get_sregs2()?;
-    ensure!(
-        (sregs2.cr0, sregs2.cr3, sregs2.cr4, sregs2.efer, sregs2.cs)
-            == (sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer, sregs.cs),
+    ensure_eq!(
+        (sregs2.cr0, sregs2.cr3, sregs2.cr4, sregs2.efer, sregs2.cs),
+        (sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer, sregs.cs),
         "KVM_GET_SREGS2 {sregs2:?} disagrees with KVM_GET_SREGS {sregs:?}"
     );
     sregs2.cr2 = 0x1234_5000;
     vcpu.set_sregs2(&sregs2)?;
     let cr2 = vcpu.get_sregs()?.cr2;
-    ensure!(cr2 == 0x1234_5000, "cr2 is {cr2:#x} after KVM_SET_SREGS2");
+    ensure_eq!(cr2, 0x1234_5000, "cr2 is {cr2:#x} after KVM_SET_SREGS2");
     Ok(())
 }
 
@@ -490,8 +497,9 @@ fn xsave2_through_the_guard(kvm: &Kvm) -> TestResult {
     // KVM_CAP_XSAVE2 size this VM reports.
     unsafe { vcpu.get_xsave2(&mut xsave)? };
     let region = xsave.as_fam_struct_ref().xsave.region;
-    ensure!(
-        region[..128] == legacy.region[..128],
+    ensure_eq!(
+        region[..128],
+        legacy.region[..128],
         "KVM_GET_XSAVE2 and KVM_GET_XSAVE disagree on the legacy region"
     );
     // SAFETY: as above; the buffer is the one KVM_GET_XSAVE2 just filled.
@@ -510,14 +518,16 @@ fn vmsa_features_agree_with_the_host(kvm: &Kvm) -> TestResult {
     eprintln!(
         "KVM_X86_SEV_VMSA_FEATURES: {answer} (vendor module {module:?}, types {{{supported}}})"
     );
-    ensure!(
-        probe(kvm).vmsa_features.as_ref().ok() == Some(&answer),
+    ensure_eq!(
+        probe(kvm).vmsa_features.as_ref().ok(),
+        Some(&answer),
         "probe and query disagree"
     );
     match answer {
         VmsaFeaturesQuery::Supported(features) => {
-            ensure!(
-                module == Some("kvm_amd"),
+            ensure_eq!(
+                module,
+                Some("kvm_amd"),
                 "VMSA features {features} reported by {module:?}; only kvm_amd has the SEV group"
             );
             ensure!(
@@ -562,8 +572,9 @@ fn default_guard_passes_calls_through(kvm: &Kvm) -> TestResult {
         other => return Err(TestError::fail(format!("expected HLT, got {other:?}"))),
     }
     let synced = guarded.vcpu().sync_regs().regs.rip;
-    ensure!(
-        synced == 2,
+    ensure_eq!(
+        synced,
+        2,
         "rip from sync regs is {synced:#x}, expected 2 (after hlt at 1)"
     );
     drop((vm, mem));

@@ -15,7 +15,9 @@ use std::process::Command;
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
-use kvm_test_support::{ensure, harness, GuestExit, KvmTest, TestError, TestResult, TinyGuest};
+use kvm_test_support::{
+    ensure, ensure_eq, harness, GuestExit, KvmTest, TestError, TestResult, TinyGuest,
+};
 use xstate_perm::host::{self, RequestPath, SystemHost, XstateHost};
 use xstate_perm::permission::kvm_filtered_xcr0;
 use xstate_perm::{
@@ -306,18 +308,21 @@ fn queries_in_a_pristine_process(kvm: &Kvm) -> TestResult {
         cpu.contains_all(kvm_supp),
         "KVM {kvm_supp} exceeds cpu {cpu}"
     );
-    ensure!(
-        perm == cpu.difference(XFeatureSet::DYNAMIC),
+    ensure_eq!(
+        perm,
+        cpu.difference(XFeatureSet::DYNAMIC),
         "pristine guest permission {perm} is not cpu {cpu} without dynamic components"
     );
     // The parent process sees the same CPU and KVM (they are not per process).
     let parent = SystemHost::new(kvm);
-    ensure!(
-        parent.cpu_supported()? == cpu,
+    ensure_eq!(
+        parent.cpu_supported()?,
+        cpu,
         "parent and child disagree on cpu"
     );
-    ensure!(
-        parent.kvm_guest_supported()? == Some(kvm_supp),
+    ensure_eq!(
+        parent.kvm_guest_supported()?,
+        Some(kvm_supp),
         "parent and child disagree on KVM"
     );
     let sys_attributes = kvm.check_extension_raw(xstate_perm::sys::KVM_CAP_SYS_ATTRIBUTES.into());
@@ -337,17 +342,16 @@ fn policy_request_for_tiledata(_kvm: &Kvm) -> TestResult {
     let (before, after) = (c.set("perm_before")?, c.set("perm_after")?);
     let policy = c.get("policy")?;
     if !cpu.contains(XFeature::XtileData) {
-        ensure!(
-            policy == "CpuLacks",
+        ensure_eq!(
+            policy,
+            "CpuLacks",
             "cpu {cpu} lacks AMX but the policy said {policy}"
         );
-        ensure!(
-            after == before,
-            "permission changed from {before} to {after}"
-        );
+        ensure_eq!(after, before, "permission changed from {before} to {after}");
     } else if !kvm_supp.contains(XFeature::XtileData) {
-        ensure!(
-            policy == "KvmWillNotExpose",
+        ensure_eq!(
+            policy,
+            "KvmWillNotExpose",
             "KVM {kvm_supp} exposes no AMX but the policy said {policy}"
         );
         let message = c.get("policy_message")?;
@@ -360,10 +364,7 @@ fn policy_request_for_tiledata(_kvm: &Kvm) -> TestResult {
             "the refused request changed the permission from {before} to {after}"
         );
     } else {
-        ensure!(
-            policy == "Ok",
-            "KVM exposes AMX but the policy said {policy}"
-        );
+        ensure_eq!(policy, "Ok", "KVM exposes AMX but the policy said {policy}");
         ensure!(
             after.contains_all(XFeatureSet::AMX),
             "permission {after} lacks AMX"
@@ -388,16 +389,18 @@ fn kernel_grants_tiledata_where_the_cpu_has_it(kvm: &Kvm) -> TestResult {
             errno.is_none(),
             "request for 18 failed with errno {errno:?}"
         );
-        ensure!(
-            after == before.union(XFeatureSet::DYNAMIC),
+        ensure_eq!(
+            after,
+            before.union(XFeatureSet::DYNAMIC),
             "permission went from {before} to {after}"
         );
     } else {
-        ensure!(
-            errno == Some(libc::EOPNOTSUPP),
+        ensure_eq!(
+            errno,
+            Some(libc::EOPNOTSUPP),
             "cpu {cpu} lacks 18, errno {errno:?}"
         );
-        ensure!(after == before, "permission changed to {after}");
+        ensure_eq!(after, before, "permission changed to {after}");
     }
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
     let layout = XsaveLayout::from_kvm_cpuid(&supported)?;
@@ -415,8 +418,9 @@ fn kernel_grants_tiledata_where_the_cpu_has_it(kvm: &Kvm) -> TestResult {
     } else {
         "Ok"
     };
-    ensure!(
-        policy == expected,
+    ensure_eq!(
+        policy,
+        expected,
         "policy after the grant: {policy}, expected {expected}"
     );
     if !cpu.contains(XFeature::XtileData) {
@@ -432,11 +436,12 @@ fn kernel_grants_tiledata_where_the_cpu_has_it(kvm: &Kvm) -> TestResult {
 fn einval_for_a_component_beyond_the_kernel(_kvm: &Kvm) -> TestResult {
     let c = Child::run("raw-64")?;
     let errno = c.errno("raw")?;
-    ensure!(errno == Some(libc::EINVAL), "component 64: errno {errno:?}");
+    ensure_eq!(errno, Some(libc::EINVAL), "component 64: errno {errno:?}");
     let policy = c.get("policy")?;
-    ensure!(policy == "UnknownComponent", "policy for bit 63: {policy}");
-    ensure!(
-        c.set("perm_after")? == c.set("perm_before")?,
+    ensure_eq!(policy, "UnknownComponent", "policy for bit 63: {policy}");
+    ensure_eq!(
+        c.set("perm_after")?,
+        c.set("perm_before")?,
         "permission changed"
     );
     Ok(())
@@ -447,8 +452,9 @@ fn einval_for_a_component_beyond_the_kernel(_kvm: &Kvm) -> TestResult {
 fn eopnotsupp_for_a_static_component(_kvm: &Kvm) -> TestResult {
     let c = Child::run("raw-2")?;
     let errno = c.errno("raw")?;
-    ensure!(
-        errno == Some(libc::EOPNOTSUPP),
+    ensure_eq!(
+        errno,
+        Some(libc::EOPNOTSUPP),
         "component 2: errno {errno:?}"
     );
     let c = Child::run("raw-19")?;
@@ -460,8 +466,9 @@ fn eopnotsupp_for_a_static_component(_kvm: &Kvm) -> TestResult {
             "component 19 without APX: errno {errno:?}"
         );
     }
-    ensure!(
-        c.set("perm_after")? == c.set("perm_before")?,
+    ensure_eq!(
+        c.set("perm_after")?,
+        c.set("perm_before")?,
         "permission changed"
     );
     Ok(())
@@ -477,26 +484,26 @@ fn cpuid_first_request_grants_tiledata(_kvm: &Kvm) -> TestResult {
     let (before, after) = (c.set("perm_before")?, c.set("perm_after")?);
     let policy = c.get("policy")?;
     if !cpu.contains(XFeature::XtileData) {
-        ensure!(
-            policy == "CpuLacks",
+        ensure_eq!(
+            policy,
+            "CpuLacks",
             "cpu {cpu} lacks AMX, policy said {policy}"
         );
-        ensure!(
-            after == before,
-            "permission changed from {before} to {after}"
-        );
+        ensure_eq!(after, before, "permission changed from {before} to {after}");
         return Err(TestError::skip(format!(
             "the CPU ({cpu}) has no AMX: checked that the CPUID-first request says so \
              without a request, but a grant cannot be shown here"
         )));
     }
-    ensure!(
-        policy == "Ok",
+    ensure_eq!(
+        policy,
+        "Ok",
         "policy: {policy}: {:?}",
         c.get("policy_message")
     );
-    ensure!(
-        after == before.with(XFeature::XtileData),
+    ensure_eq!(
+        after,
+        before.with(XFeature::XtileData),
         "permission went from {before} to {after}"
     );
     let via = c.get("via")?;
@@ -504,8 +511,9 @@ fn cpuid_first_request_grants_tiledata(_kvm: &Kvm) -> TestResult {
         via == "Some(ArchPrctl)" || via == "Some(KvmDeviceAttr)",
         "granted via {via}"
     );
-    ensure!(
-        c.get("check")? == "Ok",
+    ensure_eq!(
+        c.get("check")?,
+        "Ok",
         "check after the grant: {}",
         c.get("check")?
     );
@@ -518,8 +526,9 @@ fn cpuid_first_request_grants_tiledata(_kvm: &Kvm) -> TestResult {
 fn cpuid_check_names_the_component_kvm_refuses(_kvm: &Kvm) -> TestResult {
     let c = Child::run("check-18")?;
     let check = c.get("check")?;
-    ensure!(
-        check == "WouldBeRefused:0x40000",
+    ensure_eq!(
+        check,
+        "WouldBeRefused:0x40000",
         "check of an AMX table without permission: {check}"
     );
     let message = c.get("check_message")?;
@@ -528,8 +537,9 @@ fn cpuid_check_names_the_component_kvm_refuses(_kvm: &Kvm) -> TestResult {
         "message: {message}"
     );
     let set = c.errno("set_cpuid2")?;
-    ensure!(
-        set == Some(libc::EPERM),
+    ensure_eq!(
+        set,
+        Some(libc::EPERM),
         "KVM_SET_CPUID2 of the AMX table: errno {set:?}, the check predicted EPERM"
     );
     Ok(())
@@ -541,14 +551,16 @@ fn ebusy_after_the_first_vcpu(_kvm: &Kvm) -> TestResult {
     let c = Child::run("ebusy")?;
     let cpu = c.set("cpu")?;
     let errno = c.errno("raw")?;
-    ensure!(c.get("legacy_via")? == "None", "legacy request made a call");
-    ensure!(
-        c.set("perm_after")? == c.set("perm_before")?,
+    ensure_eq!(c.get("legacy_via")?, "None", "legacy request made a call");
+    ensure_eq!(
+        c.set("perm_after")?,
+        c.set("perm_before")?,
         "permission changed"
     );
     if !cpu.contains(XFeature::XtileData) {
-        ensure!(
-            errno == Some(libc::EOPNOTSUPP),
+        ensure_eq!(
+            errno,
+            Some(libc::EOPNOTSUPP),
             "cpu {cpu} lacks 18, errno {errno:?}"
         );
         return Err(TestError::skip(format!(
@@ -556,17 +568,15 @@ fn ebusy_after_the_first_vcpu(_kvm: &Kvm) -> TestResult {
              before it checks the vCPU lock"
         )));
     }
-    ensure!(
-        errno == Some(libc::EBUSY),
+    ensure_eq!(
+        errno,
+        Some(libc::EBUSY),
         "request after a vCPU: errno {errno:?}"
     );
     let policy = c.get("policy")?;
-    ensure!(policy == "TooLate", "policy after a vCPU: {policy}");
+    ensure_eq!(policy, "TooLate", "policy after a vCPU: {policy}");
     let late = c.get("cpuid_first")?;
-    ensure!(
-        late == "TooLate",
-        "CPUID-first request after a vCPU: {late}"
-    );
+    ensure_eq!(late, "TooLate", "CPUID-first request after a vCPU: {late}");
     ensure!(
         c.get("cpuid_first_message")?
             .starts_with("too late: a vCPU already exists"),
@@ -592,10 +602,7 @@ fn kvm_guest_perm_attribute(_kvm: &Kvm) -> TestResult {
     let (before, after) = (c.set("perm_before")?, c.set("perm_after")?);
     match errno {
         Some(libc::EINVAL) | Some(libc::ENXIO) => {
-            ensure!(
-                after == before,
-                "permission changed from {before} to {after}"
-            );
+            ensure_eq!(after, before, "permission changed from {before} to {after}");
         }
         Some(libc::EOPNOTSUPP) => {
             ensure!(
@@ -623,9 +630,9 @@ fn refused_requests_change_nothing(kvm: &Kvm) -> TestResult {
     let before = host.guest_permitted()?;
     let errno = |r: host::Result<()>| r.err().map(|e| e.errno());
     let e = errno(host.request_guest_perm(RequestPath::ArchPrctl, 64));
-    ensure!(e == Some(libc::EINVAL), "component 64: {e:?}");
+    ensure_eq!(e, Some(libc::EINVAL), "component 64: {e:?}");
     let e = errno(host.request_guest_perm(RequestPath::ArchPrctl, XFeature::Avx.index()));
-    ensure!(e == Some(libc::EOPNOTSUPP), "component 2: {e:?}");
+    ensure_eq!(e, Some(libc::EOPNOTSUPP), "component 2: {e:?}");
     // Component 64 through the proposed attribute: EINVAL on a kernel without it and on
     // one with it (whose xstate_request_perm refuses it too) alike.
     let e = errno(host.request_guest_perm(RequestPath::KvmDeviceAttr, 64));
@@ -636,8 +643,9 @@ fn refused_requests_change_nothing(kvm: &Kvm) -> TestResult {
         ),
         "attr 1 for component 64: {e:?}"
     );
-    ensure!(
-        host.guest_permitted()? == before,
+    ensure_eq!(
+        host.guest_permitted()?,
+        before,
         "a refused request changed the permission"
     );
     Ok(())
@@ -651,8 +659,9 @@ fn xsave2_size_matches_the_layout(kvm: &Kvm) -> TestResult {
     let host_layout = XsaveLayout::host()?;
     for i in layout.enumerated().indices() {
         if let (Some(a), Some(b)) = (layout.component(i), host_layout.component(i)) {
-            ensure!(
-                (a.size, a.offset) == (b.size, b.offset),
+            ensure_eq!(
+                (a.size, a.offset),
+                (b.size, b.offset),
                 "component {i}: KVM {a:?}, host {b:?}"
             );
         }
@@ -664,8 +673,9 @@ fn xsave2_size_matches_the_layout(kvm: &Kvm) -> TestResult {
         ));
     };
     let guest = kvm_filtered_xcr0(kvm_supp, host.guest_permitted()?);
-    ensure!(
-        layout.xcr0_supported() == guest,
+    ensure_eq!(
+        layout.xcr0_supported(),
+        guest,
         "KVM_GET_SUPPORTED_CPUID leaf 0xD has {}, filtered xcr0 is {guest}",
         layout.xcr0_supported()
     );
@@ -677,8 +687,9 @@ fn xsave2_size_matches_the_layout(kvm: &Kvm) -> TestResult {
         permission.requested_via().is_none(),
         "legacy request made a call"
     );
-    ensure!(
-        permission.xsave2_size(&layout)? == size,
+    ensure_eq!(
+        permission.xsave2_size(&layout)?,
+        size,
         "permission's size differs"
     );
     Ok(())
@@ -711,15 +722,17 @@ fn xsave_round_trip(kvm: &Kvm) -> TestResult {
     guest.expect_exit(GuestExit::Hlt)?;
 
     let mut state = XsaveState::get(&guest.vm, &guest.vcpu)?;
-    ensure!(
-        state.as_bytes().len() == kvm_ioctls_xsave2(&guest.vm)?,
+    ensure_eq!(
+        state.as_bytes().len(),
+        kvm_ioctls_xsave2(&guest.vm)?,
         "image size differs from KVM_CAP_XSAVE2"
     );
     let sse = state
         .component(&layout, XFeature::Sse.index())
         .ok_or_else(|| TestError::fail("no SSE component"))?;
-    ensure!(
-        sse[..16] == XMM0.to_le_bytes(),
+    ensure_eq!(
+        sse[..16],
+        XMM0.to_le_bytes(),
         "XMM0 in the image is {:02x?}",
         &sse[..16]
     );
@@ -729,14 +742,16 @@ fn xsave_round_trip(kvm: &Kvm) -> TestResult {
     sse[16..32].copy_from_slice(&XMM1.to_le_bytes());
     state.set(&guest.vm, &guest.vcpu)?;
     let reread = XsaveState::get(&guest.vm, &guest.vcpu)?;
-    ensure!(
-        reread.component(&layout, 1) == state.component(&layout, 1),
+    ensure_eq!(
+        reread.component(&layout, 1),
+        state.component(&layout, 1),
         "SSE state did not survive KVM_SET_XSAVE"
     );
     guest.expect_exit(GuestExit::Hlt)?;
     let stored = guest.read(XMM1_DST, 16)?;
-    ensure!(
-        stored == XMM1.to_le_bytes(),
+    ensure_eq!(
+        stored,
+        XMM1.to_le_bytes(),
         "guest read XMM1 as {stored:02x?}"
     );
 
@@ -744,8 +759,9 @@ fn xsave_round_trip(kvm: &Kvm) -> TestResult {
     let second = permission.create_vcpu(&guest.vm, 1)?;
     state.set(&guest.vm, &second)?;
     let moved = XsaveState::get(&guest.vm, &second)?;
-    ensure!(
-        moved.component(&layout, 1) == state.component(&layout, 1),
+    ensure_eq!(
+        moved.component(&layout, 1),
+        state.component(&layout, 1),
         "SSE state did not move into a new vCPU"
     );
     let short = XsaveState::from_bytes(state.as_bytes()[..4096].to_vec())?;
@@ -778,7 +794,7 @@ fn amx_tiles_survive_save_restore(kvm: &Kvm) -> TestResult {
         )));
     }
     let c = Child::run("amx-guest")?;
-    ensure!(c.get("amx")? == "ok", "AMX guest: {}", c.get("amx")?);
+    ensure_eq!(c.get("amx")?, "ok", "AMX guest: {}", c.get("amx")?);
     Ok(())
 }
 
@@ -826,8 +842,9 @@ fn extended_state_moves_to_a_new_vm(kvm: &Kvm) -> TestResult {
         // is what a layer below KVM that runs XSETBV without its SVM intercept leaves (QEMU
         // 7.2's TCG, under the nested test host). KVM's view is what migrates, so set it
         // from the host to the value the guest chose.
-        ensure!(
-            xcrs.xcrs[0].value == 1,
+        ensure_eq!(
+            xcrs.xcrs[0].value,
+            1,
             "after the guest's XSETBV({xcr0:#x}) KVM reports XCR0 {:#x}",
             xcrs.xcrs[0].value
         );
@@ -839,13 +856,15 @@ fn extended_state_moves_to_a_new_vm(kvm: &Kvm) -> TestResult {
         first.vcpu.set_xcrs(&xcrs)?;
     }
     let saved = VcpuXstate::save(&first.vm, &first.vcpu)?;
-    ensure!(
-        saved.xcr0() == Some(XFeatureSet::from_bits(u64::from(xcr0))),
+    ensure_eq!(
+        saved.xcr0(),
+        Some(XFeatureSet::from_bits(u64::from(xcr0))),
         "saved XCR0 {:?}, the guest set {xcr0:#x}",
         saved.xcr0()
     );
-    ensure!(
-        (saved.xfd, saved.xfd_err) == (0, 0),
+    ensure_eq!(
+        (saved.xfd, saved.xfd_err),
+        (0, 0),
         "XFD {:#x}, XFD_ERR {:#x} in a guest that never touched them",
         saved.xfd,
         saved.xfd_err
@@ -876,14 +895,16 @@ fn extended_state_moves_to_a_new_vm(kvm: &Kvm) -> TestResult {
     );
     second.expect_exit(GuestExit::Hlt)?;
     let after = VcpuXstate::save(&second.vm, &second.vcpu)?;
-    ensure!(
-        after.xcr0() == Some(XFeatureSet::from_bits(u64::from(xcr0))),
+    ensure_eq!(
+        after.xcr0(),
+        Some(XFeatureSet::from_bits(u64::from(xcr0))),
         "XCR0 of the restored vCPU after its guest ran: {:?}",
         after.xcr0()
     );
     let stored = second.read(VEC_DST, 16)?;
-    ensure!(
-        stored == xmm0,
+    ensure_eq!(
+        stored,
+        xmm0,
         "the restored guest stored xmm0 as {stored:02x?}, expected {xmm0:02x?}"
     );
     if avx {
@@ -891,8 +912,9 @@ fn extended_state_moves_to_a_new_vm(kvm: &Kvm) -> TestResult {
             .xsave
             .component(&layout, XFeature::Avx.index())
             .ok_or_else(|| TestError::fail("no AVX component after the restore"))?;
-        ensure!(
-            &upper[..16] == ymm0_high,
+        ensure_eq!(
+            &upper[..16],
+            ymm0_high,
             "ymm0's upper half after the move is {:02x?}",
             &upper[..16]
         );
@@ -945,13 +967,15 @@ fn extended_state_moves_to_a_new_vm(kvm: &Kvm) -> TestResult {
         }])
         .map_err(|e| TestError::fail(format!("{e:?}")))?;
         let processed = third.vcpu.set_msrs(&raw)?;
-        ensure!(
-            processed == 0,
+        ensure_eq!(
+            processed,
+            0,
             "KVM accepted XFD 1<<18 for a vCPU enabling {target}"
         );
     }
-    ensure!(
-        VcpuXstate::save(&third.vm, &third.vcpu)? == before,
+    ensure_eq!(
+        VcpuXstate::save(&third.vm, &third.vcpu)?,
+        before,
         "a refused restore changed the vCPU"
     );
     Ok(())
@@ -1049,7 +1073,7 @@ fn guest_cpuid_keeps_other_leaves(kvm: &Kvm) -> TestResult {
             .copied()
             .collect()
     };
-    ensure!(not_d(&guest) == not_d(&supported), "other leaves changed");
+    ensure_eq!(not_d(&guest), not_d(&supported), "other leaves changed");
     permission.check_cpuid(&guest)?;
     ensure!(
         permission
@@ -1060,15 +1084,17 @@ fn guest_cpuid_keeps_other_leaves(kvm: &Kvm) -> TestResult {
         permission.guest_features()
     );
     let layout = XsaveLayout::from_kvm_cpuid(&guest)?;
-    ensure!(
-        layout.xcr0_supported() == permission.guest_features(),
+    ensure_eq!(
+        layout.xcr0_supported(),
+        permission.guest_features(),
         "guest leaf 0xD has {}, permission gives {}",
         layout.xcr0_supported(),
         permission.guest_features()
     );
     let cost = permission.cost(&layout)?;
-    ensure!(
-        cost.components == permission.guest_features().intersection(XFeatureSet::AMX),
+    ensure_eq!(
+        cost.components,
+        permission.guest_features().intersection(XFeatureSet::AMX),
         "cost counts {}",
         cost.components
     );
