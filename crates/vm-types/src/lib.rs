@@ -48,7 +48,10 @@
 //! let kvm = Kvm::new()?;
 //! println!("{}", vm_types::probe(&kvm));
 //! let vm = TypedVm::create(&kvm, VmType::Default)?;
-//! let vcpu = vm.create_vcpu(0)?;
+//! let host = xstate_perm::SystemHost::new(&kvm);
+//! let permission =
+//!     xstate_perm::GuestPermission::request(&host, xstate_perm::XFeatureSet::LEGACY)?;
+//! let vcpu = vm.create_vcpu(&permission, 0)?; // takes the XSTATE proof
 //! let regs = vcpu.get_regs()?;
 //! vcpu.set_regs(&regs)?;
 //! vm.mark_launched(); // after the type's launch command; a no-op for DEFAULT

@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::guard::{GuestStateGuard, LaunchPhase, ProtectionConfig};
 use crate::guarded::{GuardedVcpu, VcpuError};
@@ -149,22 +149,29 @@ impl TypedVm {
         self.launch.phase() == LaunchPhase::Launched
     }
 
-    /// `KVM_CREATE_VCPU`, returning the vCPU guarded for this VM's type and launch state.
+    /// `KVM_CREATE_VCPU` through xstate-perm's proof that the process's XSTATE guest
+    /// permission was settled (creating the first vCPU freezes it), returning the vCPU
+    /// guarded for this VM's type and launch state.
     ///
     /// # Errors
     ///
     /// [`VcpuError::CreateVcpu`] with the kernel's error.
-    pub fn create_vcpu(&self, id: u64) -> Result<GuardedVcpu, VcpuError> {
-        let vcpu = self
-            .fd
-            .create_vcpu(id)
+    pub fn create_vcpu(
+        &self,
+        permission: &xstate_perm::GuestPermission,
+        id: u64,
+    ) -> Result<GuardedVcpu, VcpuError> {
+        let vcpu = permission
+            .create_vcpu(&self.fd, id)
             .map_err(|source| VcpuError::CreateVcpu { id, source })?;
-        Ok(GuardedVcpu::with_launch_state(
-            vcpu,
-            self.vm_type,
-            self.config,
-            self.launch.clone(),
-        ))
+        Ok(self.guard_vcpu(vcpu))
+    }
+
+    /// Guards a vCPU of this VM that was created elsewhere (by a VMM's own vCPU set-up, or
+    /// through xstate-perm's `GuestPermission::create_vcpu`), following this VM's type and
+    /// launch state.
+    pub fn guard_vcpu(&self, vcpu: VcpuFd) -> GuardedVcpu {
+        GuardedVcpu::with_launch_state(vcpu, self.vm_type, self.config, self.launch.clone())
     }
 
     /// Gives the VM file descriptor back.
