@@ -1,4 +1,4 @@
-//! Running the host tools the xtask depends on (`apt-get`, `dpkg-deb`, `ldd`, `strip`, ...).
+//! Running the host tools the xtask depends on (`apt-get`, `dpkg-deb`, `strip`, ...).
 //!
 //! Short-lived programs run through [`output`] or [`output_unchecked`], so that a failure
 //! names the program, its arguments and its exit status together with what it wrote to

@@ -1,14 +1,11 @@
-//! What an executable needs at run time: its shared libraries and ELF interpreter, via `ldd`.
-//!
-//! `ldd` runs the dynamic loader on the file, so it must only be given binaries the user
-//! trusts to run anyway — here, binaries that are about to be run inside L1.
+//! What an executable needs at run time: its shared libraries and ELF interpreter, found
+//! with the `lddtree` crate (which reads the ELF files and runs nothing, unlike `ldd`).
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use crate::command;
+use lddtree::DependencyAnalyzer;
 
 /// The first bytes of every ELF file.
 const ELF_MAGIC: [u8; 4] = *b"\x7fELF";
@@ -25,16 +22,16 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// `ldd` could not be run, or failed for a reason other than a static binary.
+    /// The binary or one of its libraries could not be read as ELF.
     #[error("cannot list the shared libraries of {}", path.display())]
-    Ldd {
+    Analyze {
         /// The binary.
         path: PathBuf,
-        /// The failed run.
+        /// Why.
         #[source]
-        source: command::Error,
+        source: lddtree::Error,
     },
-    /// The dynamic loader could not find a library the binary needs.
+    /// A library the binary needs is not on the host's library path.
     #[error("{}: shared library {library} not found on the host", path.display())]
     LibraryNotFound {
         /// The binary.
@@ -63,59 +60,37 @@ pub fn is_elf(path: &Path) -> Result<bool> {
 }
 
 /// The absolute host paths of the shared libraries and the ELF interpreter that `binary`
-/// loads; empty for a static binary.
+/// loads, as `ldd` lists them; empty for a static binary.
+///
+/// [`lddtree`] resolves the `DT_NEEDED` entries the way glibc's `ld.so` does (`DT_RUNPATH` or
+/// `DT_RPATH`, `LD_LIBRARY_PATH`, `/etc/ld.so.conf`, the trusted directories) by reading the
+/// files, without running anything. glibc's `libc.so.6` also names the dynamic loader in
+/// `DT_NEEDED`; like `ldd`, the loader is listed once, at the path in `PT_INTERP`, which is
+/// where the kernel looks for it.
 pub fn runtime_dependencies(binary: &Path) -> Result<Vec<PathBuf>> {
-    let ldd_error = |source| Error::Ldd {
-        path: binary.to_owned(),
-        source,
-    };
-    let output = command::output_unchecked(Command::new("ldd").arg(binary)).map_err(ldd_error)?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    if !output.status.success() {
-        // glibc's ldd exits 1 for a static binary and says so on stderr.
-        if stderr.contains("not a dynamic executable") {
-            return Ok(Vec::new());
-        }
-        return Err(ldd_error(command::Error::Failed {
-            command: command::CommandLine::of(Command::new("ldd").arg(binary)),
-            status: output.status,
-            stderr: stderr.trim().to_owned(),
-        }));
-    }
-    parse_ldd(&stdout).map_err(|library| Error::LibraryNotFound {
-        path: binary.to_owned(),
-        library,
-    })
-}
-
-/// Parses `ldd` output into the files to copy; `Err` names a library that was not found.
-///
-/// The line shapes are:
-///
-/// ```text
-///     linux-vdso.so.1 (0x00007ffc...)                        in the kernel: nothing to copy
-///     libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)   a library
-///     /lib64/ld-linux-x86-64.so.2 (0x...)                    the ELF interpreter
-///     libfoo.so.1 => not found
-///     statically linked
-/// ```
-fn parse_ldd(output: &str) -> std::result::Result<Vec<PathBuf>, String> {
+    let tree = DependencyAnalyzer::default()
+        .analyze(binary)
+        .map_err(|source| Error::Analyze {
+            path: binary.to_owned(),
+            source,
+        })?;
+    let interpreter = tree.interpreter.map(PathBuf::from);
+    let interpreter_file = interpreter.as_deref().and_then(|p| p.canonicalize().ok());
+    let mut libraries: Vec<_> = tree.libraries.into_values().collect();
+    libraries.sort_by(|a, b| a.name.cmp(&b.name));
     let mut files = Vec::new();
-    for line in output.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let (soname, resolved) = match line.split_once("=>") {
-            Some((soname, resolved)) => (soname.trim(), resolved.trim()),
-            None => (line, line),
-        };
-        if resolved.starts_with("not found") {
-            return Err(soname.to_owned());
+    for library in libraries {
+        if !library.found() {
+            return Err(Error::LibraryNotFound {
+                path: binary.to_owned(),
+                library: library.name,
+            });
         }
-        // Strip the " (0xADDRESS)" load address.
-        let path = resolved.split(" (0x").next().unwrap_or(resolved).trim();
-        if path.starts_with('/') {
-            files.push(PathBuf::from(path));
+        if interpreter_file.is_none() || library.realpath != interpreter_file {
+            files.push(library.path);
         }
     }
+    files.extend(interpreter);
     Ok(files)
 }
 
@@ -123,43 +98,43 @@ fn parse_ldd(output: &str) -> std::result::Result<Vec<PathBuf>, String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn ldd_output_yields_libraries_and_interpreter() {
-        let output = "\
-\tlinux-vdso.so.1 (0x00007ffd5c1f2000)
-\tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f1f98790000)
-\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f1f985ae000)
-\t/lib64/ld-linux-x86-64.so.2 (0x00007f1f987fa000)
-";
-        assert_eq!(
-            parse_ldd(output).unwrap(),
-            [
-                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
-                "/lib/x86_64-linux-gnu/libc.so.6",
-                "/lib64/ld-linux-x86-64.so.2",
-            ]
+    use std::process::Command;
+
+    /// The absolute paths in `ldd`'s output for `binary`, sorted.
+    fn ldd(binary: &Path) -> Vec<PathBuf> {
+        let output = Command::new("ldd").arg(binary).output().unwrap();
+        let mut files: Vec<PathBuf> = String::from_utf8_lossy(&output.stdout)
+            .split_whitespace()
+            .filter(|word| word.starts_with('/'))
             .map(PathBuf::from)
-        );
+            .collect();
+        files.sort();
+        files
     }
 
     #[test]
-    fn ldd_missing_library_is_reported_by_soname() {
-        let output = "\tlibfoo.so.1 => not found\n\tlibc.so.6 => /lib/libc.so.6 (0x1)\n";
-        assert_eq!(parse_ldd(output).unwrap_err(), "libfoo.so.1");
+    fn host_binaries_need_what_ldd_lists() {
+        let this_test = std::env::current_exe().unwrap();
+        for binary in [Path::new("/bin/sh"), Path::new("/bin/bash"), &this_test] {
+            let mut found = runtime_dependencies(binary).unwrap();
+            found.sort();
+            assert_eq!(found, ldd(binary), "{}", binary.display());
+            assert!(
+                found.contains(&PathBuf::from("/lib64/ld-linux-x86-64.so.2")),
+                "{found:?}"
+            );
+        }
     }
 
     #[test]
-    fn static_pie_has_no_dependencies() {
-        assert!(parse_ldd("\tstatically linked\n").unwrap().is_empty());
+    fn busybox_static_needs_nothing() {
+        let busybox = Path::new("/bin/busybox");
+        assert!(is_elf(busybox).unwrap());
+        assert!(runtime_dependencies(busybox).unwrap().is_empty());
     }
 
     #[test]
-    fn host_shell_is_dynamic_and_busybox_static_is_not() {
-        let sh = runtime_dependencies(Path::new("/bin/sh")).unwrap();
-        assert!(
-            sh.iter().any(|p| p.to_string_lossy().contains("ld-linux")),
-            "{sh:?}"
-        );
+    fn only_elf_files_are_elf() {
         assert!(is_elf(Path::new("/bin/sh")).unwrap());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
         assert!(!is_elf(&manifest).unwrap());
