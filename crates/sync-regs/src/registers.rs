@@ -9,7 +9,9 @@ use kvm_bindings::{
     KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_UNINITIALIZED,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use vm_types::{GuestStateError, GuestStateGuard, VcpuOp, VmType};
+use vm_types::{
+    GuestStateError, GuestStateGuard, LaunchState, ProtectionConfig, TypedVm, VcpuOp, VmType,
+};
 
 use crate::dump::RegisterDump;
 use crate::reg_set::{RegKind, RegSet, UnknownBits};
@@ -350,6 +352,10 @@ fn split_by_order(dirty: RegSet, offered: RegSet) -> (RegSet, RegSet) {
 ///   the kernel reports it applied.
 pub struct RegisterCache {
     guard: GuestStateGuard,
+    /// For a cache of a [`TypedVm`]: the VM's launch state and per-VM choices, from which the
+    /// guard is taken at each check, so that pre-launch set-up works and post-launch access is
+    /// refused.
+    launch: Option<(LaunchState, ProtectionConfig)>,
     offered: RegSet,
     selection: RegSet,
     cache: Cache,
@@ -379,14 +385,29 @@ impl RegisterCache {
     /// The copy-out selection starts as the general-purpose registers if they are offered.
     pub fn new(vm: &VmFd, vm_type: VmType) -> Self {
         let guard = GuestStateGuard::new(vm_type);
-        let offered = if guard.check(VcpuOp::SyncRegs).is_ok() {
+        Self::build(guard, Self::probe_offered(vm, guard))
+    }
+
+    /// A register cache for the vCPUs of `vm`, whose handle carries its type and launch
+    /// state: register ioctls are checked against the VM's protection as it is at each call
+    /// (allowed before an SEV-ES or SNP VM's launch, refused after it), and sync regs are
+    /// offered as in [`RegisterCache::new`].
+    pub fn for_vm(vm: &TypedVm) -> Self {
+        // Sync regs are refused on every protected-state type, before launch too.
+        let offered = Self::probe_offered(vm.fd(), GuestStateGuard::new(vm.vm_type()));
+        let mut cache = Self::build(vm.guard(), offered);
+        cache.launch = Some((vm.launch_state(), vm.config()));
+        cache
+    }
+
+    fn probe_offered(vm: &VmFd, guard: GuestStateGuard) -> RegSet {
+        if guard.check(VcpuOp::SyncRegs).is_ok() {
             let raw = vm.check_extension_raw(libc::c_ulong::from(sys::KVM_CAP_SYNC_REGS));
             // A negative value is an error, not a mask: treat it as "nothing offered".
             RegSet::from_bits_truncate(u64::try_from(raw).unwrap_or(0))
         } else {
             RegSet::EMPTY
-        };
-        Self::build(guard, offered)
+        }
     }
 
     /// A register cache with an explicit set of offered sets, for callers that have already
@@ -430,6 +451,7 @@ impl RegisterCache {
     fn build(guard: GuestStateGuard, offered: RegSet) -> Self {
         RegisterCache {
             guard,
+            launch: None,
             offered,
             selection: offered.intersection(RegSet::REGS),
             cache: Cache::new(),
@@ -486,9 +508,15 @@ impl RegisterCache {
         self.cache.dirty()
     }
 
-    /// The guest-state rule this cache applies before each register ioctl.
-    pub fn guard(&self) -> &GuestStateGuard {
-        &self.guard
+    /// The guest-state rule this cache applies before each register ioctl, as it is now (for
+    /// a cache made by [`RegisterCache::for_vm`], it follows the VM's launch).
+    pub fn guard(&self) -> GuestStateGuard {
+        match &self.launch {
+            Some((launch, config)) => {
+                GuestStateGuard::at(self.guard.vm_type(), launch.phase(), *config)
+            }
+            None => self.guard,
+        }
     }
 
     /// Forgets the cached images of `sets` that have no pending write, so that they are read
@@ -532,7 +560,7 @@ impl RegisterCache {
 
     fn load<T: RegImage>(&mut self, vcpu: &VcpuFd) -> Result<&mut T> {
         let from_kvm_run = self.cache.copied_out.contains(T::KIND);
-        let guard = &self.guard;
+        let guard = self.guard();
         T::slot(&mut self.cache).get_or_try_load(|| {
             if from_kvm_run {
                 // One copy of this set out of the shared page; later reads use the copy.
@@ -567,7 +595,7 @@ impl RegisterCache {
         if self.offered.contains(T::KIND) {
             return Ok(());
         }
-        self.guard
+        self.guard()
             .check(T::SET)
             .map_err(|source| Error::Refused { op: T::SET, source })
     }
@@ -672,7 +700,7 @@ impl RegisterCache {
     fn apply_with_ioctl<T: RegImage>(&mut self, vcpu: &VcpuFd) -> Result<()> {
         let slot = T::slot(&mut self.cache);
         if let (true, Some(image)) = (slot.dirty, slot.image) {
-            self.guard
+            self.guard()
                 .check(T::SET)
                 .map_err(|source| Error::Refused { op: T::SET, source })?;
             image

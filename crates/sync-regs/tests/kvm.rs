@@ -7,7 +7,7 @@
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use kvm_test_support::guest::TinyGuest;
-use kvm_test_support::{ensure, harness, KvmTest, Requirement, TestError, TestResult};
+use kvm_test_support::{ensure, ensure_eq, harness, KvmTest, Requirement, TestError, TestResult};
 use sync_regs::{Error, RegKind, RegSet, RegisterCache};
 use vm_memory::GuestMemoryMmap;
 use vm_types::{GuestStateGuard, VcpuOp, VmType};
@@ -503,6 +503,57 @@ fn protected_state_types_refuse_sync_regs(kvm: &Kvm) -> TestResult {
     Ok(())
 }
 
+/// A cache made from a typed VM handle follows the VM's launch: on a VM the guard takes for
+/// SEV-ES (a DEFAULT VM told its type, since no host here has SEV-ES), register set-up before
+/// launch reaches the kernel, and after `mark_launched` every register ioctl is refused
+/// before the kernel is asked (`kvm_arch_vcpu_ioctl_get_regs` and its siblings refuse once
+/// `guest_state_protected` is set by `__sev_launch_update_vmsa`, Linux 6.10+).
+fn typed_vm_cache_follows_the_launch(kvm: &Kvm) -> TestResult {
+    let TinyGuest { vm, .. } = TinyGuest::long_mode(kvm, &OUT_LOOP)?;
+    let vm = vm_types::TypedVm::assume_type(vm, VmType::SevEs);
+    let permission = xstate_perm::GuestPermission::request(
+        &xstate_perm::SystemHost::new(kvm),
+        xstate_perm::XFeatureSet::LEGACY,
+    )
+    .map_err(|e| TestError::fail(format!("settling the XSTATE permission: {e}")))?;
+    let vcpu = permission.create_vcpu(vm.fd(), 1)?;
+    let mut regs = RegisterCache::for_vm(&vm);
+    ensure!(regs.offered().is_empty(), "offered {}", regs.offered());
+    regs.regs_mut(&vcpu)?.rax = 0x5e5;
+    regs.flush(&vcpu)?;
+    ensure_eq!(
+        vcpu.get_regs()?.rax,
+        0x5e5,
+        "pre-launch write through the cache"
+    );
+    vm.mark_launched();
+    match regs.set_regs(&kvm_regs::default()) {
+        Err(Error::Refused {
+            op: VcpuOp::SetRegs,
+            ..
+        }) => {}
+        other => {
+            return Err(TestError::fail(format!(
+                "set_regs after launch gave {other:?}"
+            )))
+        }
+    }
+    regs.invalidate(RegSet::REGS);
+    match regs.regs(&vcpu) {
+        Err(Error::Refused {
+            op: VcpuOp::GetRegs,
+            ..
+        }) => {}
+        other => {
+            return Err(TestError::fail(format!(
+                "regs() after launch gave {other:?}"
+            )))
+        }
+    }
+    ensure!(regs.dirty().is_empty(), "a refused write is pending");
+    Ok(())
+}
+
 /// Without sync regs at all (offered: none) every access goes through ioctls and behaves the
 /// same; `flush` applies pending writes without running.
 fn ioctls_only_and_flush(kvm: &Kvm) -> TestResult {
@@ -796,6 +847,10 @@ fn main() {
             protected_state_types_refuse_sync_regs,
         ),
         KvmTest::new("ioctls_only_and_flush", ioctls_only_and_flush),
+        KvmTest::new(
+            "typed_vm_cache_follows_the_launch",
+            typed_vm_cache_follows_the_launch,
+        ),
         KvmTest::new(
             "ap_write_before_sipi_is_kept_and_sipi_start_wins",
             ap_write_before_sipi_is_kept_and_sipi_start_wins,
