@@ -60,7 +60,11 @@ pub fn workspace_root() -> PathBuf {
 /// clone: `$NESTED_CACHE_DIR` if set; else `/var/cache/composable-vmm` for root and
 /// `$XDG_CACHE_HOME/composable-vmm` (or `~/.cache/composable-vmm`) for other users.
 pub fn cache_dir() -> PathBuf {
-    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(dir) = var(CACHE_DIR_ENV) {
         return dir;
     }
