@@ -355,7 +355,7 @@ run reboot_default $G --cmdline "$D vmmref.end=reboot"
 run reboot_acpi $G --cmdline "$D reboot=a vmmref.end=reboot"
 run reboot_triple $G --cmdline "$D reboot=t vmmref.end=reboot"
 # init exits at once: "Attempted to kill init!", a panic that restarts (panic=-1).
-run panic_default $G --vcpus 2 --cmdline "$D rdinit=/bin/busybox -- false"
+run panic_default $G --cmdline "$D rdinit=/bin/busybox -- false"
 run panic_kbd $G --cmdline "$C rdinit=/bin/busybox -- false"
 run halt $G --cmdline "$D rdinit=/bin/busybox -- halt -f"
 # The least memory the VMM accepts for this kernel and initramfs boots.
