@@ -112,6 +112,7 @@ impl HostArgs {
             mem_mib: self.mem,
             timeout: Duration::from_secs(self.timeout),
             silence: Duration::from_secs(self.silence),
+            boot_silence: MachineOptions::DEFAULT.boot_silence,
             step_timeout: Duration::from_secs(self.step_timeout),
             freeze_retries: self.freeze_retries,
         }

@@ -67,8 +67,12 @@ pub struct Watchdog {
     /// The longest the whole run may take.
     pub timeout: Duration,
     /// The longest the host may go without printing a console line or a heartbeat before it
-    /// is declared frozen.
+    /// is declared frozen, once its heartbeat has started.
     pub silence: Duration,
+    /// The same limit before the first heartbeat: the kernel boots with `quiet` and prints
+    /// little before `/init` starts the heartbeat, and under load that phase alone has taken
+    /// over 15 s.
+    pub boot_silence: Duration,
 }
 
 /// What a run that ended showed of its own health.
@@ -191,7 +195,12 @@ pub fn run_console(
             last_life = now;
         }
         let silent_for = now.duration_since(last_life);
-        if silent_for >= watchdog.silence {
+        let limit = if heartbeat_len == 0 {
+            watchdog.boot_silence.max(watchdog.silence)
+        } else {
+            watchdog.silence
+        };
+        if silent_for >= limit {
             let error = Error::Frozen {
                 silent_for,
                 after: now.duration_since(started),
@@ -199,7 +208,7 @@ pub fn run_console(
             };
             return Err(kill(&mut child, error));
         }
-        let wait = POLL.min(deadline - now).min(watchdog.silence - silent_for);
+        let wait = POLL.min(deadline - now).min(limit - silent_for);
         match lines.recv_timeout(wait) {
             Ok(line) => {
                 let now = Instant::now();
@@ -268,6 +277,7 @@ mod tests {
         Watchdog {
             timeout: Duration::from_secs(30),
             silence: Duration::from_millis(silence_ms),
+            boot_silence: Duration::ZERO,
         }
     }
 
@@ -327,6 +337,31 @@ mod tests {
     }
 
     #[test]
+    fn before_the_first_heartbeat_the_boot_limit_applies() {
+        let dir = std::env::temp_dir().join(format!("xtask-boot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let alive = dir.join("alive");
+        // 1.5 s of quiet boot (longer than the 0.5 s limit, shorter than the 3 s boot limit),
+        // then one heartbeat, then silence: frozen 0.5 s after the heartbeat.
+        let script = format!("sleep 1.5; echo . >> {}; exec sleep 30", alive.display());
+        let watchdog = Watchdog {
+            timeout: Duration::from_secs(30),
+            silence: Duration::from_millis(500),
+            boot_silence: Duration::from_secs(3),
+        };
+        let err = run_console(shell(&script), &alive, watchdog, |_| {}).unwrap_err();
+        let Error::Frozen { after, .. } = err else {
+            panic!("not named frozen: {err}");
+        };
+        assert!(
+            after >= Duration::from_millis(1900),
+            "frozen at {after:?}, during the boot"
+        );
+        assert!(after < Duration::from_secs(3), "frozen at {after:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_chatty_run_past_its_deadline_is_a_timeout_not_a_freeze() {
         let dir = std::env::temp_dir().join(format!("xtask-chatty-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -336,6 +371,7 @@ mod tests {
             Watchdog {
                 timeout: Duration::from_secs(1),
                 silence: Duration::from_millis(500),
+                boot_silence: Duration::ZERO,
             },
             |_| {},
         )
