@@ -372,7 +372,7 @@ echo "=== BEGIN epipe"
 cat /tmp/err_epipe; echo "stderr-lines=$(wc -l </tmp/err_epipe)"
 echo "=== END epipe rc=$(cat /tmp/rc_epipe)"
 # Signals that end the VMM while the guest runs (a shell waiting on a console without input).
-for sig in HUP QUIT INT; do
+for sig in HUP QUIT INT USR1; do
   echo "=== BEGIN signal_$sig"
   /bin/vmm-reference boot $G --cmdline "$C vmmref.end=shell" </dev/null & pid=$!
   sleep 4; kill -$sig $pid; wait $pid
@@ -614,6 +614,16 @@ fn issue_18_trials() -> Vec<Trial> {
                     rc: 130,
                     cpus: None,
                     contains: &["vmm-reference: stopped by SIGINT (signal 2)"],
+                },
+            )
+        }),
+        Trial::test("nested::sigusr1_exits_138", || {
+            expect_scenario(
+                "signal_USR1",
+                Expect {
+                    rc: 138,
+                    cpus: None,
+                    contains: &["vmm-reference: stopped by SIGUSR1 (signal 10)"],
                 },
             )
         }),

@@ -3,11 +3,12 @@
 //!
 //! When stdin is a terminal it is put in a raw-ish mode (no line buffering, no echo, no
 //! input translation) so that keys reach the guest as typed, but `ISIG` stays on: Ctrl-C
-//! (SIGINT) and Ctrl-\ (SIGQUIT) still signal the VMM. Every signal in
-//! [`TERMINATION_SIGNALS`] is recorded by a handler instead of killing the process, so the VMM
-//! stops its vCPUs and returns through `main`; [`RawTerminal`] restores the saved mode when
-//! dropped, so every such exit path (return, error, unwinding panic) leaves the terminal as it
-//! was. SIGKILL cannot be caught: after it the terminal stays raw (`stty sane` fixes it).
+//! (SIGINT) and Ctrl-\ (SIGQUIT) still signal the VMM. Every signal that would end the
+//! process ([`termination_signals`]) is recorded by a handler instead, so the VMM stops its
+//! vCPUs and returns through `main`; [`RawTerminal`] restores the saved mode when dropped, so
+//! every such exit path (return, error, unwinding panic) leaves the terminal as it was.
+//! SIGKILL cannot be caught, and a fault of the VMM itself (SIGSEGV, SIGBUS, SIGILL, SIGFPE,
+//! SIGABRT) is not turned into a stop: after those the terminal stays raw (`stty sane`).
 
 use std::io;
 use std::os::fd::RawFd;
@@ -16,20 +17,47 @@ use std::sync::atomic::{AtomicI32, Ordering};
 /// The signal that asked the VMM to stop, or 0.
 static TERMINATION_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-/// The signals that end the VMM cleanly: interrupt, terminate, hang-up (the terminal went
-/// away) and quit (Ctrl-\, which raw mode keeps). The exit status is 128 + the signal.
-pub const TERMINATION_SIGNALS: [libc::c_int; 4] =
-    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+/// The signals whose default action ends a process and that are sent to it rather than
+/// raised by a fault, with their names: interrupt (Ctrl-C), terminate, hang-up (the terminal
+/// went away), quit (Ctrl-\, which raw mode keeps), and the rest of signal(7)'s "Term" and
+/// "Core" signals. SIGPIPE is not among them: the Rust runtime ignores it, so a closed pipe
+/// is an `EPIPE` error instead.
+pub const TERMINATION_SIGNALS: [(libc::c_int, &str); 14] = [
+    (libc::SIGINT, "SIGINT"),
+    (libc::SIGTERM, "SIGTERM"),
+    (libc::SIGHUP, "SIGHUP"),
+    (libc::SIGQUIT, "SIGQUIT"),
+    (libc::SIGUSR1, "SIGUSR1"),
+    (libc::SIGUSR2, "SIGUSR2"),
+    (libc::SIGALRM, "SIGALRM"),
+    (libc::SIGVTALRM, "SIGVTALRM"),
+    (libc::SIGPROF, "SIGPROF"),
+    (libc::SIGXCPU, "SIGXCPU"),
+    (libc::SIGXFSZ, "SIGXFSZ"),
+    (libc::SIGIO, "SIGIO"),
+    (libc::SIGPWR, "SIGPWR"),
+    (libc::SIGSTKFLT, "SIGSTKFLT"),
+];
 
-/// The usual name of a signal in [`TERMINATION_SIGNALS`].
+/// Every signal the VMM turns into a clean stop: [`TERMINATION_SIGNALS`] and the real-time
+/// signals (default action: terminate) except vcpu-runner's kick signal. The exit status is
+/// 128 + the signal, as shells report a death by signal.
+pub fn termination_signals() -> Vec<libc::c_int> {
+    let kick = vcpu_runner::kick::kick_signal();
+    TERMINATION_SIGNALS
+        .iter()
+        .map(|(s, _)| *s)
+        .chain(libc::SIGRTMIN()..=libc::SIGRTMAX())
+        .filter(|s| *s != kick)
+        .collect()
+}
+
+/// The usual name of a signal in [`TERMINATION_SIGNALS`], or "a real-time signal".
 pub fn signal_name(signal: libc::c_int) -> &'static str {
-    match signal {
-        libc::SIGINT => "SIGINT",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGQUIT => "SIGQUIT",
-        _ => "a signal",
-    }
+    TERMINATION_SIGNALS
+        .iter()
+        .find(|(s, _)| *s == signal)
+        .map_or("a real-time signal", |(_, name)| name)
 }
 
 /// Errors of this module.
@@ -141,10 +169,10 @@ extern "C" fn record_signal(signal: libc::c_int) {
     TERMINATION_SIGNAL.store(signal, Ordering::SeqCst);
 }
 
-/// Makes every signal in [`TERMINATION_SIGNALS`] record itself for [`termination_signal`]
+/// Makes every signal of [`termination_signals`] record itself for [`termination_signal`]
 /// instead of killing the process, so the VMM can stop its vCPUs and restore the terminal.
 pub fn install_termination_handlers() -> Result<()> {
-    for signal in TERMINATION_SIGNALS {
+    for signal in termination_signals() {
         // SAFETY: an all-zero sigaction is a valid starting value (empty mask, no flags).
         let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
         action.sa_sigaction = record_signal as extern "C" fn(libc::c_int) as usize;
@@ -195,14 +223,18 @@ mod tests {
     #[test]
     fn handlers_record_the_signal() {
         install_termination_handlers().unwrap();
-        for signal in TERMINATION_SIGNALS {
+        let signals = termination_signals();
+        assert!(!signals.contains(&vcpu_runner::kick::kick_signal()));
+        assert!(signals.contains(&libc::SIGRTMAX()));
+        for signal in signals {
             // SAFETY: raise sends a signal to this thread; the handler installed above only
             // stores to an atomic.
             assert_eq!(unsafe { libc::raise(signal) }, 0);
             assert_eq!(termination_signal(), Some(signal));
-            assert_ne!(signal_name(signal), "a signal");
             TERMINATION_SIGNAL.store(0, Ordering::SeqCst);
         }
+        assert_eq!(signal_name(libc::SIGQUIT), "SIGQUIT");
+        assert_eq!(signal_name(libc::SIGRTMAX()), "a real-time signal");
     }
 
     /// The raw mode is undone on drop: a pseudo-terminal's mode is back as it was.
