@@ -219,9 +219,13 @@ pub enum RunOutcome {
     },
     /// The guest reported a crash through a system event.
     GuestCrash(String),
-    /// The guest announced an orderly shutdown and neither powered off nor reset within
-    /// [`HALT_GRACE`] (a halt), or KVM reported every vCPU halted for good.
-    Halted,
+    /// The guest halted for good.
+    Halted {
+        /// `true`: it announced an orderly shutdown and neither powered off nor reset within
+        /// [`HALT_GRACE`] (Linux's halt); `false`: vcpu-runner saw every vCPU halted with
+        /// nothing to wake it.
+        after_shutdown_notice: bool,
+    },
     /// A vCPU failed (KVM error, unhandled exit); the message holds KVM's data and registers.
     VcpuError(String),
 }
@@ -238,7 +242,7 @@ impl RunOutcome {
             | RunOutcome::Panicked
             | RunOutcome::TripleFault { .. }
             | RunOutcome::GuestCrash(_)
-            | RunOutcome::Halted => 3,
+            | RunOutcome::Halted { .. } => 3,
             RunOutcome::VcpuError(_) => 4,
             RunOutcome::Signal(s) => 128 + s,
         }
@@ -270,11 +274,16 @@ impl std::fmt::Display for RunOutcome {
                 }
             }
             RunOutcome::GuestCrash(what) => write!(f, "guest crashed: {what}"),
-            RunOutcome::Halted => write!(
+            RunOutcome::Halted {
+                after_shutdown_notice: true,
+            } => write!(
                 f,
                 "guest halted: it began a shutdown and neither powered off nor reset within {} s",
                 HALT_GRACE.as_secs()
             ),
+            RunOutcome::Halted {
+                after_shutdown_notice: false,
+            } => f.write_str("guest halted: every vCPU halted with nothing to wake it"),
             RunOutcome::VcpuError(e) => write!(f, "vCPU error: {e}"),
         }
     }
@@ -624,7 +633,9 @@ impl Vmm {
             return Ok(RunOutcome::Signal(s));
         }
         if halted {
-            return Ok(RunOutcome::Halted);
+            return Ok(RunOutcome::Halted {
+                after_shutdown_notice: true,
+            });
         }
         Ok(match outcome {
             VmOutcome::Shutdown { .. } => RunOutcome::PowerOff,
@@ -648,7 +659,9 @@ impl Vmm {
             VmOutcome::OtherEvent { vcpu, kind, data } => RunOutcome::GuestCrash(format!(
                 "unexpected system event {kind} on vCPU {vcpu}, data {data:x?}"
             )),
-            VmOutcome::Halted => RunOutcome::Halted,
+            VmOutcome::Halted => RunOutcome::Halted {
+                after_shutdown_notice: false,
+            },
             VmOutcome::Error { error, .. } => RunOutcome::VcpuError(error.to_string()),
             VmOutcome::Stopped => RunOutcome::VcpuError("stopped without a cause".into()),
         })
@@ -724,6 +737,33 @@ mod tests {
             3
         );
         assert_eq!(RunOutcome::VcpuError("x".into()).exit_code(), 4);
+        for (outcome, text) in [
+            (
+                RunOutcome::ResetWithoutShutdown,
+                "without an orderly shutdown",
+            ),
+            (RunOutcome::Panicked, "guest panicked (pvpanic)"),
+            (
+                RunOutcome::Halted {
+                    after_shutdown_notice: true,
+                },
+                "began a shutdown",
+            ),
+            (
+                RunOutcome::Halted {
+                    after_shutdown_notice: false,
+                },
+                "nothing to wake it",
+            ),
+        ] {
+            assert_eq!(outcome.exit_code(), 3);
+            assert!(outcome.to_string().contains(text), "{outcome}");
+        }
+        assert_eq!(RunOutcome::Signal(libc::SIGUSR1).exit_code(), 138);
+        assert_eq!(
+            RunOutcome::Signal(libc::SIGHUP).to_string(),
+            "stopped by SIGHUP (signal 1)"
+        );
         assert_eq!(RunOutcome::Reset.to_string(), "guest requested reset");
         let mut reset = RegisterDump::new(
             kvm_regs {
