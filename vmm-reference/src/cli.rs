@@ -62,7 +62,6 @@ pub struct BootArgs {
     pub nested_virt: bool,
 }
 
-
 impl BootArgs {
     /// The configuration these flags (and their config file) describe.
     pub fn to_config(&self) -> config::Result<VmConfig> {

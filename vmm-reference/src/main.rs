@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm_reference::cli::{error_chain, Cli, CliCommand, EXIT_USAGE};
+use vmm_reference::probe;
 use vmm_reference::terminal::RawTerminal;
 use vmm_reference::vmm::Vmm;
-use vmm_reference::probe;
 
 /// Exit status for a failure of the VMM itself (KVM setup, I/O).
 const EXIT_VMM_ERROR: u8 = 4;
