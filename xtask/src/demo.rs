@@ -14,7 +14,7 @@ use crate::debian;
 use crate::guest;
 use crate::init_script::Step;
 use crate::l1::{self, L1Image};
-use crate::payload::{self, HostFile};
+use crate::payload;
 use crate::setup;
 
 /// Errors from the demo.
@@ -126,16 +126,11 @@ pub fn run(workspace: &Path, cache_dir: &Path, args: &DemoArgs) -> Result<u8> {
         "demo: no VMX/SVM with its KVM module here; booting inside the nested kvm-amd test host"
     );
     let mut image = L1Image::new(cache_dir)?;
-    for (source, dest) in [
+    image.add_files_at([
         (vmm, "/bin/vmm-reference"),
         (kernel.vmlinuz.clone(), "/data/bzImage"),
         (initramfs, "/data/initramfs.cpio"),
-    ] {
-        image.add_host_file(&HostFile {
-            source,
-            dest: dest.parse()?,
-        })?;
-    }
+    ])?;
     let mut argv = vec!["/bin/vmm-reference".to_owned()];
     argv.extend(boot_args(
         "/data/bzImage",

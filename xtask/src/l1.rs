@@ -282,6 +282,20 @@ impl L1Image {
         self.tree.contains(path)
     }
 
+    /// Adds host files at the given places in L1, each as [`L1Image::add_host_file`] does.
+    pub fn add_files_at<'a>(
+        &mut self,
+        files: impl IntoIterator<Item = (PathBuf, &'a str)>,
+    ) -> Result<()> {
+        for (source, dest) in files {
+            self.add_host_file(&HostFile {
+                source,
+                dest: dest.parse()?,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Adds a host file, with its shared libraries if it is a dynamically linked executable.
     pub fn add_host_file(&mut self, file: &HostFile) -> Result<()> {
         Ok(self.stager.add(&mut self.tree, file)?)

@@ -197,16 +197,11 @@ pub fn run(workspace: &Path, cache_dir: &Path, args: &SoakArgs) -> Result<SoakRe
 
     let mut image = L1Image::new(cache_dir)?;
     let kernel = image.kernel().vmlinuz.clone();
-    for (source, dest) in [
+    image.add_files_at([
         (vmm, "/bin/vmm-reference"),
         (kernel, "/data/bzImage"),
         (initramfs, "/data/initramfs.cpio"),
-    ] {
-        image.add_host_file(&HostFile {
-            source,
-            dest: dest.parse()?,
-        })?;
-    }
+    ])?;
     let mut placed = Vec::new();
     for binary in &binaries {
         let dest: GuestPath = format!("/tests/{}/{}", binary.package, binary.target).parse()?;
