@@ -83,13 +83,15 @@ fn offered_sets_follow_the_capability(kvm: &Kvm) -> TestResult {
     let cap = g
         ._vm
         .check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_SYNC_REGS));
-    ensure!(
-        g.regs.offered().bits() == u64::try_from(cap).unwrap_or(0) & RegSet::ALL.bits(),
+    ensure_eq!(
+        g.regs.offered().bits(),
+        u64::try_from(cap).unwrap_or(0) & RegSet::ALL.bits(),
         "offered {} but the VM reports {cap:#x}",
         g.regs.offered()
     );
-    ensure!(
-        g.regs.selection() == RegSet::REGS,
+    ensure_eq!(
+        g.regs.selection(),
+        RegSet::REGS,
         "default selection {}",
         g.regs.selection()
     );
@@ -98,8 +100,9 @@ fn offered_sets_follow_the_capability(kvm: &Kvm) -> TestResult {
         "fresh vCPU has dirty sets {}",
         g.regs.dirty()
     );
-    ensure!(
-        g.regs.guard().vm_type() == VmType::Default,
+    ensure_eq!(
+        g.regs.guard().vm_type(),
+        VmType::Default,
         "guard for the wrong type"
     );
     let debug = format!("{:?}", g.regs);
@@ -115,7 +118,7 @@ fn reads_equal_get_ioctls(kvm: &Kvm) -> TestResult {
     let mut g = guest(kvm, None)?;
     g.regs.set_selection(RegSet::ALL)?;
     g.regs.regs_mut(&g.vcpu)?.rax = 0x1234_5678_9abc_de42;
-    ensure!(next_out(&mut g)? == 0x42, "guest did not see the RAX write");
+    ensure_eq!(next_out(&mut g)?, 0x42, "guest did not see the RAX write");
     let via_sync: (kvm_regs, kvm_sregs, kvm_vcpu_events) = (
         *g.regs.regs(&g.vcpu)?,
         *g.regs.sregs(&g.vcpu)?,
@@ -123,32 +126,37 @@ fn reads_equal_get_ioctls(kvm: &Kvm) -> TestResult {
     );
     let vcpu = &g.vcpu;
     let via_ioctl = (vcpu.get_regs()?, vcpu.get_sregs()?, vcpu.get_vcpu_events()?);
-    ensure!(
-        via_sync.0 == via_ioctl.0,
+    ensure_eq!(
+        via_sync.0,
+        via_ioctl.0,
         "regs differ:\n{:?}\n{:?}",
         via_sync.0,
         via_ioctl.0
     );
-    ensure!(
-        via_sync.1 == via_ioctl.1,
+    ensure_eq!(
+        via_sync.1,
+        via_ioctl.1,
         "sregs differ:\n{:?}\n{:?}",
         via_sync.1,
         via_ioctl.1
     );
-    ensure!(
-        via_sync.2 == via_ioctl.2,
+    ensure_eq!(
+        via_sync.2,
+        via_ioctl.2,
         "events differ:\n{:?}\n{:?}",
         via_sync.2,
         via_ioctl.2
     );
     // The copy really is the kernel's: kvm_run holds the same images.
     let shared = g.vcpu.sync_regs();
-    ensure!(
-        shared.regs == via_ioctl.0,
+    ensure_eq!(
+        shared.regs,
+        via_ioctl.0,
         "kvm_run regs differ from KVM_GET_REGS"
     );
-    ensure!(
-        shared.sregs == via_ioctl.1,
+    ensure_eq!(
+        shared.sregs,
+        via_ioctl.1,
         "kvm_run sregs differ from KVM_GET_SREGS"
     );
     let rip = via_sync.0.rip;
@@ -183,23 +191,26 @@ fn writes_take_effect_across_selection_changes(kvm: &Kvm) -> TestResult {
         let selection = selections[round as usize % selections.len()];
         // Read-modify-write of RAX, as an emulator does; RIP is read too.
         let regs = g.regs.regs_mut(&g.vcpu)?;
-        ensure!(regs.rip == exit_rip, "round {round}: RIP {:#x}", regs.rip);
-        ensure!(
-            regs.rax as u8 == expected,
+        ensure_eq!(regs.rip, exit_rip, "round {round}: RIP {:#x}", regs.rip);
+        ensure_eq!(
+            regs.rax as u8,
+            expected,
             "round {round}: RAX {:#x}, expected low byte {expected:#x}",
             regs.rax
         );
         regs.rax = regs.rax.wrapping_add(3);
         expected = expected.wrapping_add(3);
         g.regs.set_selection(selection)?;
-        ensure!(
-            g.regs.dirty() == RegSet::REGS,
+        ensure_eq!(
+            g.regs.dirty(),
+            RegSet::REGS,
             "round {round}: dirty {}",
             g.regs.dirty()
         );
         let out = next_out(&mut g)?;
-        ensure!(
-            out == expected,
+        ensure_eq!(
+            out,
+            expected,
             "round {round}: guest wrote {out:#x}, expected {expected:#x}"
         );
         ensure!(
@@ -213,8 +224,8 @@ fn writes_take_effect_across_selection_changes(kvm: &Kvm) -> TestResult {
     regs.rbx = 0xb0b;
     g.regs.set_regs(&regs)?;
     next_out(&mut g)?;
-    ensure!(g.vcpu.get_regs()?.rbx == 0xb0b, "RBX write lost");
-    ensure!(g.regs.regs(&g.vcpu)?.rbx == 0xb0b, "RBX read back wrong");
+    ensure_eq!(g.vcpu.get_regs()?.rbx, 0xb0b, "RBX write lost");
+    ensure_eq!(g.regs.regs(&g.vcpu)?.rbx, 0xb0b, "RBX read back wrong");
     Ok(())
 }
 
@@ -230,19 +241,21 @@ fn fallback_for_a_set_not_offered(kvm: &Kvm) -> TestResult {
     g.regs.set_selection(offered)?;
     next_out(&mut g)?;
     let sregs = *g.regs.sregs(&g.vcpu)?;
-    ensure!(
-        sregs == g.vcpu.get_sregs()?,
+    ensure_eq!(
+        sregs,
+        g.vcpu.get_sregs()?,
         "sregs read differs from KVM_GET_SREGS"
     );
-    ensure!(
-        g.vcpu.sync_regs().sregs == kvm_sregs::default(),
+    ensure_eq!(
+        g.vcpu.sync_regs().sregs,
+        kvm_sregs::default(),
         "the kernel copied sregs out although they were never selected"
     );
     // A write through the fallback: CR2 is harmless to change.
     g.regs.sregs_mut(&g.vcpu)?.cr2 = 0xcafe_f00d;
     g.regs.regs_mut(&g.vcpu)?.rax = 7;
-    ensure!(next_out(&mut g)? == 7, "regs write lost");
-    ensure!(g.vcpu.get_sregs()?.cr2 == 0xcafe_f00d, "sregs write lost");
+    ensure_eq!(next_out(&mut g)?, 7, "regs write lost");
+    ensure_eq!(g.vcpu.get_sregs()?.cr2, 0xcafe_f00d, "sregs write lost");
     // An invalid image through the fallback fails at KVM_SET_SREGS, before KVM_RUN.
     g.regs.sregs_mut(&g.vcpu)?.cr4 &= !CR4_PAE;
     match g.run() {
@@ -289,16 +302,14 @@ fn masks_outside_the_supported_set_are_refused(kvm: &Kvm) -> TestResult {
         }
         other => return Err(TestError::fail(format!("sregs selection gave {other:?}"))),
     }
-    ensure!(
-        g.regs.selection() == RegSet::REGS,
+    ensure_eq!(
+        g.regs.selection(),
+        RegSet::REGS,
         "selection changed to {}",
         g.regs.selection()
     );
     g.regs.regs_mut(&g.vcpu)?.rax = 0x5a;
-    ensure!(
-        next_out(&mut g)? == 0x5a,
-        "vCPU unusable after refused masks"
-    );
+    ensure_eq!(next_out(&mut g)?, 0x5a, "vCPU unusable after refused masks");
     Ok(())
 }
 
@@ -321,22 +332,26 @@ fn invalid_sregs_image_is_reported_and_kept(kvm: &Kvm) -> TestResult {
         Err(other) => return Err(TestError::fail(format!("invalid sregs gave {other}"))),
         Ok(exit) => return Err(TestError::fail(format!("invalid sregs ran: {exit:?}"))),
     }
-    ensure!(
-        g.regs.dirty() == RegSet::SREGS,
+    ensure_eq!(
+        g.regs.dirty(),
+        RegSet::SREGS,
         "dirty after rejection: {}",
         g.regs.dirty()
     );
-    ensure!(
-        g.regs.sregs(&g.vcpu)?.cr4 & CR4_PAE == 0,
+    ensure_eq!(
+        g.regs.sregs(&g.vcpu)?.cr4 & CR4_PAE,
+        0,
         "pending image lost"
     );
     let vcpu_sregs = g.vcpu.get_sregs()?;
-    ensure!(
-        vcpu_sregs.cr4 == good_cr4,
+    ensure_eq!(
+        vcpu_sregs.cr4,
+        good_cr4,
         "kernel applied part of the bad image"
     );
-    ensure!(
-        g.vcpu.get_regs()?.rax == 0x11,
+    ensure_eq!(
+        g.vcpu.get_regs()?.rax,
+        0x11,
         "regs of the same batch not applied"
     );
     // Running again without a correction fails the same way: nothing is silently dropped.
@@ -351,7 +366,7 @@ fn invalid_sregs_image_is_reported_and_kept(kvm: &Kvm) -> TestResult {
         "second run with the bad image did not fail"
     );
     g.regs.sregs_mut(&g.vcpu)?.cr4 |= CR4_PAE;
-    ensure!(next_out(&mut g)? == 0x11, "vCPU unusable after correction");
+    ensure_eq!(next_out(&mut g)?, 0x11, "vCPU unusable after correction");
     ensure!(g.regs.dirty().is_empty(), "still dirty: {}", g.regs.dirty());
     Ok(())
 }
@@ -374,13 +389,15 @@ fn invalid_events_image_is_reported_and_kept(kvm: &Kvm) -> TestResult {
         Err(other) => return Err(TestError::fail(format!("invalid events gave {other}"))),
         Ok(exit) => return Err(TestError::fail(format!("invalid events ran: {exit:?}"))),
     }
-    ensure!(
-        g.regs.dirty() == RegSet::EVENTS,
+    ensure_eq!(
+        g.regs.dirty(),
+        RegSet::EVENTS,
         "dirty after rejection: {}",
         g.regs.dirty()
     );
-    ensure!(
-        g.vcpu.get_vcpu_events()?.exception.injected == 0,
+    ensure_eq!(
+        g.vcpu.get_vcpu_events()?.exception.injected,
+        0,
         "kernel applied the bad events"
     );
     // Unknown flags are refused as well.
@@ -400,7 +417,7 @@ fn invalid_events_image_is_reported_and_kept(kvm: &Kvm) -> TestResult {
     );
     g.regs.events_mut(&g.vcpu)?.flags &= !(1 << 31);
     g.regs.regs_mut(&g.vcpu)?.rax = 0x22;
-    ensure!(next_out(&mut g)? == 0x22, "vCPU unusable after correction");
+    ensure_eq!(next_out(&mut g)?, 0x22, "vCPU unusable after correction");
     ensure!(g.regs.dirty().is_empty(), "still dirty: {}", g.regs.dirty());
     Ok(())
 }
@@ -428,25 +445,30 @@ fn immediate_exit_applies_and_refreshes(kvm: &Kvm) -> TestResult {
         "dirty after EINTR: {}",
         g.regs.dirty()
     );
-    ensure!(
-        g.vcpu.get_sregs()?.cr2 == 0xdead_0000,
+    ensure_eq!(
+        g.vcpu.get_sregs()?.cr2,
+        0xdead_0000,
         "sregs not applied on EINTR"
     );
-    ensure!(
-        g.vcpu.sync_regs().regs.rbx == 0x1234,
+    ensure_eq!(
+        g.vcpu.sync_regs().regs.rbx,
+        0x1234,
         "kvm_run regs not stored on EINTR"
     );
-    ensure!(
-        g.regs.regs(&g.vcpu)?.rbx == 0x1234,
+    ensure_eq!(
+        g.regs.regs(&g.vcpu)?.rbx,
+        0x1234,
         "read after EINTR missed the refresh"
     );
-    ensure!(
-        g.regs.regs(&g.vcpu)?.rip == 0x1_0002,
+    ensure_eq!(
+        g.regs.regs(&g.vcpu)?.rip,
+        0x1_0002,
         "guest moved during an immediate exit"
     );
     g.regs.regs_mut(&g.vcpu)?.rax = 0x33;
-    ensure!(
-        next_out(&mut g)? == 0x33,
+    ensure_eq!(
+        next_out(&mut g)?,
+        0x33,
         "vCPU unusable after immediate exit"
     );
     Ok(())
@@ -572,9 +594,10 @@ fn ioctls_only_and_flush(kvm: &Kvm) -> TestResult {
         "dirty after flush: {}",
         g.regs.dirty()
     );
-    ensure!(g.vcpu.get_regs()?.rax == 0x44, "flush did not apply regs");
-    ensure!(
-        next_out(&mut g)? == 0x44,
+    ensure_eq!(g.vcpu.get_regs()?.rax, 0x44, "flush did not apply regs");
+    ensure_eq!(
+        next_out(&mut g)?,
+        0x44,
         "guest did not see the flushed write"
     );
     // invalidate: a change through vcpu() is seen after invalidation.
@@ -583,8 +606,9 @@ fn ioctls_only_and_flush(kvm: &Kvm) -> TestResult {
     direct.rdx = 0xd0d0;
     g.vcpu.set_regs(&direct)?;
     g.regs.invalidate(RegSet::REGS);
-    ensure!(
-        g.regs.regs(&g.vcpu)?.rdx == 0xd0d0,
+    ensure_eq!(
+        g.regs.regs(&g.vcpu)?.rdx,
+        0xd0d0,
         "invalidate did not drop the cached regs"
     );
     Ok(())
@@ -663,17 +687,19 @@ fn ap_write_before_sipi_is_kept_and_sipi_start_wins(kvm: &Kvm) -> TestResult {
             if mp_state == kvm_bindings::KVM_MP_STATE_UNINITIALIZED && pending == RegSet::REGS => {}
         other => return Err(TestError::fail(format!("stage before SIPI gave {other:?}"))),
     }
-    ensure!(
-        regs.dirty() == RegSet::REGS,
+    ensure_eq!(
+        regs.dirty(),
+        RegSet::REGS,
         "refused write lost: dirty {}",
         regs.dirty()
     );
-    ensure!(regs.regs(&ap)?.rax == 0x5a, "refused write's image lost");
-    ensure!(
-        ap.get_kvm_run().kvm_dirty_regs == 0,
+    ensure_eq!(regs.regs(&ap)?.rax, 0x5a, "refused write's image lost");
+    ensure_eq!(
+        ap.get_kvm_run().kvm_dirty_regs,
+        0,
         "refused write was staged"
     );
-    ensure!(ap.get_regs()? == original, "refused write reached the vCPU");
+    ensure_eq!(ap.get_regs()?, original, "refused write reached the vCPU");
 
     // Opted in, the write is staged; an immediate_exit run returns EINTR without sync_regs().
     regs.allow_writes_before_sipi();
@@ -687,13 +713,15 @@ fn ap_write_before_sipi_is_kept_and_sipi_start_wins(kvm: &Kvm) -> TestResult {
         }
     }
     ap.set_kvm_immediate_exit(0);
-    ensure!(
-        regs.dirty() == RegSet::REGS,
+    ensure_eq!(
+        regs.dirty(),
+        RegSet::REGS,
         "write reported applied although the kernel did not apply it: dirty {}",
         regs.dirty()
     );
-    ensure!(
-        ap.get_regs()?.rax == original.rax,
+    ensure_eq!(
+        ap.get_regs()?.rax,
+        original.rax,
         "KVM_GET_REGS changed before SIPI"
     );
     // The VMM drops the write rather than have it overwrite the SIPI start.
@@ -738,8 +766,9 @@ fn ap_write_before_sipi_is_kept_and_sipi_start_wins(kvm: &Kvm) -> TestResult {
     let second = regs
         .run(&mut ap, |exit| out_to(AP_PORT, exit))?
         .map_err(TestError::fail)?;
-    ensure!(
-        second == 0x77,
+    ensure_eq!(
+        second,
+        0x77,
         "AP wrote {second:#x} after the write, expected 0x77"
     );
     Ok(())
@@ -791,8 +820,9 @@ fn pending_exception_survives_a_regs_write(kvm: &Kvm) -> TestResult {
                 other => Err(format!("{other:?}")),
             })?
             .map_err(TestError::fail)?;
-        ensure!(
-            port == HANDLER_PORT,
+        ensure_eq!(
+            port,
+            HANDLER_PORT,
             "offered {offered}: the guest wrote port {port:#x}: the queued #UD was lost"
         );
         ensure!(

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use kvm_test_support::guest::{TinyGuest, CODE_ADDR};
-use kvm_test_support::{ensure, harness, KvmTest, Requirement, TestError, TestResult};
+use kvm_test_support::{ensure, ensure_eq, harness, KvmTest, Requirement, TestError, TestResult};
 use sync_regs::RegisterCache;
 use sync_regs::Registers;
 use vcpu_runner::{
@@ -116,8 +116,9 @@ fn pio_round_trip(kvm: &Kvm) -> TestResult {
     );
     let outcome = run_single(vcpu)?;
     ensure!(matches!(outcome, VmOutcome::Halted), "outcome {outcome}");
-    ensure!(
-        writes(&sink) == vec![(0, 0x1122_3344u32.to_le_bytes().to_vec()), (4, vec![0xff])],
+    ensure_eq!(
+        writes(&sink),
+        vec![(0, 0x1122_3344u32.to_le_bytes().to_vec()), (4, vec![0xff])],
         "sink saw {:x?}",
         writes(&sink)
     );
@@ -140,10 +141,11 @@ fn mmio_round_trip(kvm: &Kvm) -> TestResult {
     let thread = Vcpu::new(0, rig.vcpu0, cache(&rig.vm), buses, Box::new(NoMsrs)).spawn()?;
     thread.handle().resume()?;
     let reason = thread.handle().wait_exited(WAIT)?;
-    ensure!(reason == StopReason::Halted, "stopped with {reason:?}");
+    ensure_eq!(reason, StopReason::Halted, "stopped with {reason:?}");
     let (vcpu, _) = thread.join(WAIT)?;
-    ensure!(
-        writes(&dev) == vec![(8, 0x0102_0304_0506_0708u64.to_le_bytes().to_vec())],
+    ensure_eq!(
+        writes(&dev),
+        vec![(8, 0x0102_0304_0506_0708u64.to_le_bytes().to_vec())],
         "device saw {:x?}",
         writes(&dev)
     );
@@ -165,18 +167,19 @@ fn hlt(kvm: &Kvm) -> TestResult {
         Box::new(NoMsrs),
     )
     .spawn()?;
-    ensure!(
-        thread.handle().state() == VcpuState::Created,
+    ensure_eq!(
+        thread.handle().state(),
+        VcpuState::Created,
         "state {}",
         thread.handle().state()
     );
     thread.handle().resume()?;
     let reason = thread.handle().wait_exited(WAIT)?;
-    ensure!(reason == StopReason::Halted, "stopped with {reason:?}");
+    ensure_eq!(reason, StopReason::Halted, "stopped with {reason:?}");
     let (vcpu, reason) = thread.join(WAIT)?;
-    ensure!(reason == StopReason::Halted, "joined with {reason:?}");
+    ensure_eq!(reason, StopReason::Halted, "joined with {reason:?}");
     let rip = vcpu.fd().get_regs()?.rip;
-    ensure!(rip == CODE_ADDR + 1, "rip after hlt {rip:#x}");
+    ensure_eq!(rip, CODE_ADDR + 1, "rip after hlt {rip:#x}");
     Ok(())
 }
 
@@ -274,9 +277,9 @@ fn exit_hook_reads_and_writes_registers(kvm: &Kvm) -> TestResult {
     let outcome = run_single(vcpu)?;
     ensure!(matches!(outcome, VmOutcome::Halted), "outcome {outcome}");
     let values: Vec<u8> = writes(&sink).into_iter().map(|(_, d)| d[0]).collect();
-    ensure!(values == [0, 1, 2, 3, 4], "guest wrote {values:?}");
+    ensure_eq!(values, [0, 1, 2, 3, 4], "guest wrote {values:?}");
     let seen = seen.lock().unwrap().clone();
-    ensure!(seen.len() == 5, "hook saw {seen:?}");
+    ensure_eq!(seen.len(), 5, "hook saw {seen:?}");
     for (value, rip) in seen {
         ensure!(
             rip == CODE_ADDR || rip == CODE_ADDR + 2,
@@ -309,8 +312,9 @@ fn msr_exits_reach_feature_control(kvm: &Kvm) -> TestResult {
     let vcpu = Vcpu::new(0, rig.vcpu0, cache(&rig.vm), Arc::new(buses), handler);
     let outcome = run_single(vcpu)?;
     ensure!(matches!(outcome, VmOutcome::Halted), "outcome {outcome}");
-    ensure!(
-        writes(&port) == vec![(0, vec![expected])],
+    ensure_eq!(
+        writes(&port),
+        vec![(0, vec![expected])],
         "port saw {:x?}, expected {expected:#x}",
         writes(&port)
     );
@@ -356,8 +360,9 @@ fn pause_resume_10000_times(kvm: &Kvm) -> TestResult {
         if i % 1000 == 0 {
             std::thread::sleep(Duration::from_millis(2));
             let later = counter(&rig.mem, COUNTER)?;
-            ensure!(
-                later == paused_at,
+            ensure_eq!(
+                later,
+                paused_at,
                 "counter moved while paused: {paused_at} -> {later}"
             );
         }
@@ -370,7 +375,7 @@ fn pause_resume_10000_times(kvm: &Kvm) -> TestResult {
         "{CYCLES} cycles took {elapsed:?}"
     );
     let (vcpu, reason) = thread.join(WAIT)?;
-    ensure!(reason == StopReason::Stopped, "joined with {reason:?}");
+    ensure_eq!(reason, StopReason::Stopped, "joined with {reason:?}");
     let stats = vcpu.stats();
     // Each waited-for cycle had the guest running, so its pause interrupted KVM_RUN.
     ensure!(
@@ -424,18 +429,20 @@ fn pause_completes_in_flight_port_io(kvm: &Kvm) -> TestResult {
         let attempts = counter(&rig.mem, ATTEMPTS)?;
         if rip == IN_AT {
             at_in += 1;
-            ensure!(
-                reads + 1 == attempts,
+            ensure_eq!(
+                reads + 1,
+                attempts,
                 "paused at the in with {reads} reads dispatched and {attempts} attempts"
             );
         } else {
             elsewhere += 1;
-            ensure!(
-                reads == attempts,
+            ensure_eq!(
+                reads,
+                attempts,
                 "paused at {rip:#x} with {reads} reads dispatched and {attempts} attempts"
             );
             if rip == IN_AT + 2 {
-                ensure!(al == 0x77, "in completed but al is {al:#x}");
+                ensure_eq!(al, 0x77, "in completed but al is {al:#x}");
             }
         }
         handle.resume()?;
@@ -497,14 +504,15 @@ fn four_vcpus_each_write_their_port(kvm: &Kvm) -> TestResult {
         ));
     }
     let runner = VmRunner::spawn(vcpus)?;
-    ensure!(runner.handles().len() == 4, "{runner:?}");
+    ensure_eq!(runner.handles().len(), 4, "{runner:?}");
     runner.start()?;
     ensure!(runner.wait(WAIT), "no outcome within {WAIT:?}");
     let outcome = runner.shutdown(WAIT)?;
     ensure!(matches!(outcome, VmOutcome::Halted), "outcome {outcome}");
     for (i, port) in ports.iter().enumerate() {
-        ensure!(
-            writes(port) == vec![(0, vec![i as u8])],
+        ensure_eq!(
+            writes(port),
+            vec![(0, vec![i as u8])],
             "port {:#x} saw {:x?}",
             0x70 + i,
             writes(port)
@@ -553,8 +561,9 @@ fn one_vcpu_error_stops_the_vm(kvm: &Kvm) -> TestResult {
     let text = error.to_string();
     ensure!(text.contains("KVM_EXIT_DEBUG"), "error: {text}");
     ensure!(text.contains("RIP="), "no register dump in: {text}");
-    ensure!(
-        spinner.state() == VcpuState::Exited(StopReason::Stopped),
+    ensure_eq!(
+        spinner.state(),
+        VcpuState::Exited(StopReason::Stopped),
         "spinning vCPU is {}",
         spinner.state()
     );
@@ -600,8 +609,9 @@ fn shutdown_and_drop_of_a_running_vm(kvm: &Kvm) -> TestResult {
         );
     }
     let reason = handle.wait_exited(WAIT)?;
-    ensure!(
-        reason == StopReason::Stopped,
+    ensure_eq!(
+        reason,
+        StopReason::Stopped,
         "dropped VM's vCPU ended with {reason:?}"
     );
     ensure!(
@@ -634,7 +644,7 @@ fn internal_error_is_reported_with_diagnostics(kvm: &Kvm) -> TestResult {
     let text = error.to_string();
     match error {
         vcpu_runner::vcpu::Error::InternalError { info, .. } => {
-            ensure!(info.suberror == 1, "suberror {info}");
+            ensure_eq!(info.suberror, 1, "suberror {info}");
         }
         other => return Err(TestError::fail(format!("unexpected error: {other}"))),
     }
@@ -694,8 +704,9 @@ fn bounded_waits_time_out(kvm: &Kvm) -> TestResult {
         "shutdown: {err}"
     );
     let reason = handle.wait_exited(WAIT)?;
-    ensure!(
-        reason == StopReason::Stopped,
+    ensure_eq!(
+        reason,
+        StopReason::Stopped,
         "detached vCPU ended with {reason:?}"
     );
     Ok(())
