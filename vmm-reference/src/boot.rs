@@ -142,8 +142,22 @@ pub struct InitramfsPlacement {
     pub size: u64,
 }
 
-/// Loads everything for `cfg` into `mem` and returns where the boot vCPU starts.
-pub fn load(mem: &GuestMemoryMmap, cfg: &ValidConfig) -> Result<EntryPoint> {
+/// The kernel as loaded into guest memory, with its command line and initramfs.
+#[derive(Debug)]
+pub struct LoadedKernel {
+    loaded: KernelLoaderResult,
+    cmdline: Cmdline,
+    initramfs: Option<InitramfsPlacement>,
+}
+
+/// Loads the kernel (linux-loader's bzImage or ELF loader), writes its command line and
+/// places the initramfs above everything the kernel occupies while it starts.
+///
+/// # Errors
+///
+/// [`Error::OpenKernel`], [`Error::LoadKernel`], [`Error::Cmdline`],
+/// [`Error::WriteCmdline`], and the initramfs errors.
+pub fn load_kernel(mem: &GuestMemoryMmap, cfg: &ValidConfig) -> Result<LoadedKernel> {
     let c = cfg.config();
     let mut kernel = File::open(&c.kernel).map_err(|source| Error::OpenKernel {
         path: c.kernel.clone(),
@@ -181,6 +195,32 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &ValidConfig) -> Result<EntryPoint> {
         )?),
     };
 
+    Ok(LoadedKernel {
+        loaded,
+        cmdline,
+        initramfs,
+    })
+}
+
+/// Writes the platform tables for `cfg` (ACPI, MP table, the boot GDT and page tables, the
+/// reset-vector stub) and the boot parameters for `kernel` (the zero page, or the PVH start
+/// info for an ELF kernel with a PVH entry), and returns where the boot vCPU starts.
+///
+/// # Errors
+///
+/// The error of the table that could not be written.
+pub fn write_platform_tables(
+    mem: &GuestMemoryMmap,
+    cfg: &ValidConfig,
+    kernel: &LoadedKernel,
+) -> Result<EntryPoint> {
+    let c = cfg.config();
+    let LoadedKernel {
+        loaded,
+        cmdline,
+        initramfs,
+    } = kernel;
+    let initramfs = *initramfs;
     let rsdp = acpi::write_tables(mem, GuestAddress(ACPI_RSDP_ADDR), c.vcpus as u8)?;
     mptable::write(mem, c.vcpus as u8)?;
     regs::write_boot_tables(mem)?;
@@ -201,7 +241,7 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &ValidConfig) -> Result<EntryPoint> {
                 KernelFormat::BzImage => loaded.kernel_load.0 + STARTUP_64_OFFSET,
                 KernelFormat::Elf => loaded.kernel_load.0,
             };
-            write_zero_page(mem, &loaded, &e820, initramfs, rsdp.0, &cmdline)?;
+            write_zero_page(mem, loaded, &e820, initramfs, rsdp.0, cmdline)?;
             Ok(EntryPoint::Linux64 {
                 rip,
                 zero_page: ZERO_PAGE_ADDR,

@@ -227,23 +227,6 @@ pub const MP_APIC_ALL: u8 = 0xff;
 /// 24 interrupt entries that leaves room for 32 (Firecracker's limit for the same reason).
 pub const MAX_VCPUS: u8 = 32;
 
-/// The KVM ioctl type (include/uapi/linux/kvm.h, `KVMIO`).
-pub const KVMIO: u32 = 0xae;
 /// Address of the three-page TSS region VMX needs (`KVM_SET_TSS_ADDR`), just below the BIOS
 /// area at the top of the 32-bit space, as QEMU and Firecracker place it.
 pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
-
-/// Vcpu ioctls used on a duplicated vCPU fd for diagnostics after the vCPU thread has ended
-/// (include/uapi/linux/kvm.h; kvm-ioctls does not export its request numbers).
-#[allow(missing_docs)]
-pub mod ioctls {
-    use super::KVMIO;
-    vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_bindings::kvm_regs);
-    vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_bindings::kvm_sregs);
-    vmm_sys_util::ioctl_ior_nr!(
-        KVM_GET_VCPU_EVENTS,
-        KVMIO,
-        0x9f,
-        kvm_bindings::kvm_vcpu_events
-    );
-}

@@ -1,35 +1,45 @@
 //! Builds a VM from a [`ValidConfig`] by composing the workspace crates, runs it, and says how
 //! it ended.
 //!
-//! Order of construction (each step needs the previous ones):
-//! 1. `/dev/kvm`; the XSTATE guest permission ([`xstate_perm::GuestPermission`]), which must
-//!    exist before the first vCPU and is what creates vCPUs;
-//! 2. the VM through [`vm_types::create_vm`] (default type), guest memory slots, TSS, the
-//!    in-kernel irqchip (PIC, I/O APIC, local APICs) and PIT;
-//! 3. kernel, initramfs, command line, ACPI and MP tables ([`crate::boot`]);
-//! 4. devices on the port I/O bus; COM1's interrupt eventfd bound to GSI 4 with irqfd;
-//! 5. per vCPU: CPUID, LINT0/LINT1, FPU, boot registers on vCPU 0 through
-//!    [`sync_regs::RegisterCache`] (the others wait for INIT/SIPI in the in-kernel LAPIC), IA32_FEATURE_CONTROL when nested VMX is exposed;
-//! 6. [`vcpu_runner::VmRunner`] runs one thread per vCPU.
+//! [`Vmm::build`] is a recipe of named steps, each needing the previous ones, each failing
+//! with its own [`Error`] variant:
+//! 1. `open_kvm`: `/dev/kvm`, a vendor module behind it, room for the vCPUs;
+//!    `xstate_permission`: the XSTATE guest permission ([`xstate_perm::GuestPermission`]),
+//!    which must be settled before the first vCPU and is the proof that creates vCPUs;
+//! 2. `create_vm`: the VM as a [`vm_types::TypedVm`] (default type), whose handle carries
+//!    the type to every vCPU and register cache;
+//! 3. `create_memory`: guest memory and its KVM slots;
+//! 4. `create_interrupt_controllers`: TSS, the in-kernel irqchip (PIC, I/O APIC, local
+//!    APICs) and PIT;
+//! 5. [`boot::load_kernel`]: kernel, command line, initramfs (linux-loader);
+//! 6. [`boot::write_platform_tables`]: ACPI and MP tables, boot page tables and GDT, reset
+//!    vector, and the zero page or PVH start info (linux-loader's configurators);
+//! 7. `Devices::attach`: devices on the port I/O bus, COM1's interrupt eventfd bound to
+//!    GSI 4 with irqfd;
+//! 8. `create_vcpus`: per vCPU CPUID, IA32_FEATURE_CONTROL when nested VMX is exposed,
+//!    LINT0/LINT1, FPU, and the boot registers on vCPU 0 through
+//!    [`sync_regs::RegisterCache::for_vm`] (the others wait for INIT/SIPI in the in-kernel
+//!    LAPIC);
+//! 9. [`vcpu_runner::VmRunner`] spawns one thread per vCPU; [`Vmm::run`] starts them.
 //!
 //! [`Vmm::run`] waits until the guest asks to power off or reset or reports a panic (through a
 //! device), halts for good after announcing an orderly shutdown, a vCPU ends the VM (triple
 //! fault, KVM error), or a terminating signal arrives; then it stops every vCPU.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_irqchip, kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use msr_featctl::{ConfiguredVcpu, GuestCpuidFeatures, KvmSupport, Mode, ResolvedMode};
 use sync_regs::{RegisterCache, RegisterDump};
-use vcpu_runner::{Buses, MsrHandler, NoMsrs, Vcpu, VmOutcome, VmRunner};
+use vcpu_runner::{Buses, MsrHandler, NoMsrs, SharedDevice, Vcpu, VmOutcome, VmRunner};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_types::{GuardedVcpu, TypedVm, VmType};
 use vmm_sys_util::eventfd::EventFd;
 use xstate_perm::{GuestPermission, RequestError, SystemHost, XFeature, XFeatureSet};
 
@@ -43,9 +53,9 @@ use crate::devices::serial::{ConsoleOut, ConsoleOutput, SerialConsole};
 use crate::devices::{GuestEnd, GuestRequest};
 use crate::regs::{self, EntryPoint};
 use crate::sys::{
-    self, ACPI_PORTS, ACPI_SLEEP_CONTROL_PORT, APIC_LVT0, APIC_LVT1, APIC_MODE_EXTINT,
-    APIC_MODE_NMI, CMOS_PORT, CMOS_PORTS, COM1_GSI, COM1_PORT, CPUID_1_ECX_VMX, I8042_PORT,
-    I8042_PORTS, KVM_TSS_ADDRESS, PVPANIC_PORT, UART_REGISTERS,
+    ACPI_PORTS, ACPI_SLEEP_CONTROL_PORT, APIC_LVT0, APIC_LVT1, APIC_MODE_EXTINT, APIC_MODE_NMI,
+    CMOS_PORT, CMOS_PORTS, COM1_GSI, COM1_PORT, CPUID_1_ECX_VMX, I8042_PORT, I8042_PORTS,
+    KVM_TSS_ADDRESS, PVPANIC_PORT, UART_REGISTERS,
 };
 use crate::{boot, memory, terminal};
 
@@ -116,11 +126,26 @@ pub enum Error {
     #[error("cannot create an eventfd")]
     EventFd(#[source] io::Error),
     /// A device could not be put on the bus.
-    #[error("cannot place a device on the I/O bus")]
-    Bus(#[source] vcpu_runner::bus::Error),
+    #[error("cannot place the device at port {port:#x} on the I/O bus")]
+    Bus {
+        /// The device's first port.
+        port: u64,
+        /// Why.
+        #[source]
+        source: vcpu_runner::bus::Error,
+    },
     /// Setting the boot vCPU's entry registers failed.
     #[error("vCPU 0: setting the boot registers failed")]
     BootRegisters(#[source] sync_regs::Error),
+    /// Creating a vCPU or setting its state through vm-types' guard failed.
+    #[error("cannot set up vCPU {vcpu}")]
+    VcpuState {
+        /// The vCPU.
+        vcpu: u32,
+        /// Why.
+        #[source]
+        source: vm_types::VcpuError,
+    },
     /// A vCPU-level ioctl of the setup failed.
     #[error("vCPU {vcpu}: {ioctl} failed")]
     VcpuIoctl {
@@ -153,15 +178,6 @@ pub enum Error {
     /// The vCPU-thread runner failed.
     #[error("vCPU runner failed")]
     Runner(#[source] vcpu_runner::vm::Error),
-    /// Duplicating a vCPU fd for diagnostics failed.
-    #[error("cannot duplicate the fd of vCPU {vcpu}")]
-    DupVcpu {
-        /// The vCPU.
-        vcpu: u32,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
     /// The console output thread could not start.
     #[error("cannot start the console output thread")]
     ConsoleOutput(#[source] io::Error),
@@ -289,69 +305,13 @@ impl std::fmt::Display for RunOutcome {
     }
 }
 
-/// A duplicate of a vCPU fd, kept to read registers after the vCPU's thread has ended.
-#[derive(Debug)]
-struct DiagnosticFd(OwnedFd);
-
-impl DiagnosticFd {
-    fn of(vcpu: u32, fd: &VcpuFd) -> Result<Self> {
-        // SAFETY: dup of a valid, open fd; the result is checked before use.
-        let raw = unsafe { libc::dup(fd.as_raw_fd()) };
-        if raw < 0 {
-            return Err(Error::DupVcpu {
-                vcpu,
-                source: io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `raw` is a new fd that nothing else owns.
-        Ok(DiagnosticFd(unsafe { OwnedFd::from_raw_fd(raw) }))
-    }
-
-    fn dump(&self) -> io::Result<RegisterDump> {
-        let mut regs = kvm_regs::default();
-        let mut sregs = kvm_sregs::default();
-        let mut events = kvm_vcpu_events::default();
-        // SAFETY: KVM_GET_REGS writes one kvm_regs into the buffer we own.
-        if unsafe {
-            vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.0, sys::ioctls::KVM_GET_REGS(), &mut regs)
-        } < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: KVM_GET_SREGS writes one kvm_sregs into the buffer we own.
-        if unsafe {
-            vmm_sys_util::ioctl::ioctl_with_mut_ref(
-                &self.0,
-                sys::ioctls::KVM_GET_SREGS(),
-                &mut sregs,
-            )
-        } < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: KVM_GET_VCPU_EVENTS writes one kvm_vcpu_events into the buffer we own.
-        let events_ok = unsafe {
-            vmm_sys_util::ioctl::ioctl_with_mut_ref(
-                &self.0,
-                sys::ioctls::KVM_GET_VCPU_EVENTS(),
-                &mut events,
-            )
-        } >= 0;
-        Ok(RegisterDump::new(regs, sregs, events_ok.then_some(events)))
-    }
-}
-
 /// A built VM, ready to run.
 pub struct Vmm {
     runner: VmRunner,
-    end: Arc<GuestEnd>,
-    serial: Arc<Mutex<SerialConsole>>,
-    console: ConsoleOutput,
-    diagnostics: Vec<DiagnosticFd>,
-    // Kept alive for the VM's lifetime: memory, the VM fd and the irqfd.
+    devices: Devices,
+    // Kept alive for the VM's lifetime: guest memory and the VM.
     _memory: GuestMemoryMmap,
-    _vm: VmFd,
-    _serial_irq: EventFd,
+    _vm: TypedVm,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -372,6 +332,58 @@ fn vcpu_ioctl(vcpu: u32, ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) 
     }
 }
 
+fn vcpu_state(vcpu: u32) -> impl FnOnce(vm_types::VcpuError) -> Error {
+    move |source| Error::VcpuState { vcpu, source }
+}
+
+impl Vmm {
+    /// Builds the VM for `cfg`, with guest console output going to `out`, in the order each
+    /// step needs the previous ones: KVM and the XSTATE permission → the VM → guest memory →
+    /// the in-kernel interrupt controllers and timer → the kernel → the platform tables and
+    /// boot parameters → the devices → the vCPUs, spawned on their threads (started by
+    /// [`Vmm::run`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error`] naming the step that failed; [`Error::is_input_error`] tells the user's
+    /// input from a KVM or VMM failure.
+    pub fn build(cfg: &ValidConfig, out: ConsoleOut) -> Result<Self> {
+        let c = cfg.config();
+        let kvm = open_kvm(c.vcpus)?;
+        let permission = xstate_permission(&SystemHost::new(&kvm), c.amx)?;
+        let vm = create_vm(&kvm)?;
+        let mem = create_memory(&vm, cfg.mem_bytes())?;
+        create_interrupt_controllers(&vm)?;
+        let kernel = boot::load_kernel(&mem, cfg)?;
+        let entry = boot::write_platform_tables(&mem, cfg, &kernel)?;
+        let devices = Devices::attach(&vm, out)?;
+        let vcpus = create_vcpus(&kvm, &vm, &permission, cfg, entry, &devices.buses)?;
+        let runner = VmRunner::spawn(vcpus).map_err(Error::Runner)?;
+        Ok(Vmm {
+            runner,
+            devices,
+            _memory: mem,
+            _vm: vm,
+        })
+    }
+}
+
+/// Opens `/dev/kvm` and checks that this host can run the guest: a vendor module
+/// (`kvm_intel`/`kvm_amd`) behind it and room for `vcpus` vCPUs.
+fn open_kvm(vcpus: u32) -> Result<Kvm> {
+    let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+    crate::host::check_vendor_module(std::path::Path::new("/sys/module"))
+        .map_err(Error::HostUnsupported)?;
+    let max = kvm.get_max_vcpus();
+    if vcpus as usize > max {
+        return Err(Error::TooManyVcpusForHost {
+            requested: vcpus,
+            max,
+        });
+    }
+    Ok(kvm)
+}
+
 /// The XSTATE permission: AMX when asked and available, otherwise the always-permitted legacy
 /// set (which makes no request).
 fn xstate_permission(host: &SystemHost<'_>, amx: bool) -> Result<GuestPermission> {
@@ -387,8 +399,226 @@ fn xstate_permission(host: &SystemHost<'_>, amx: bool) -> Result<GuestPermission
     GuestPermission::request(host, XFeatureSet::LEGACY).map_err(Error::XstatePermission)
 }
 
-fn set_lint(vcpu: u32, fd: &VcpuFd) -> Result<()> {
-    let mut lapic = fd.get_lapic().map_err(vcpu_ioctl(vcpu, "KVM_GET_LAPIC"))?;
+/// `KVM_CREATE_VM` of the default type, through vm-types' handle that carries the type to
+/// every vCPU and register cache made from it.
+fn create_vm(kvm: &Kvm) -> Result<TypedVm> {
+    TypedVm::create(kvm, VmType::Default).map_err(Error::CreateVm)
+}
+
+/// Guest memory for `bytes` of RAM (the 32-bit MMIO gap left out), one KVM memory slot per
+/// region.
+fn create_memory(vm: &TypedVm, bytes: u64) -> Result<GuestMemoryMmap> {
+    let mem = memory::create_guest_memory(bytes)?;
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let region_desc = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the returned Vmm keeps
+        // for as long as the VM exists.
+        unsafe { vm.fd().set_user_memory_region(region_desc) }
+            .map_err(|source| Error::MemorySlot { slot, source })?;
+    }
+    Ok(mem)
+}
+
+/// The TSS region VMX needs, the in-kernel irqchip (PICs, I/O APIC, local APICs) with both
+/// PICs masked, and the in-kernel PIT.
+fn create_interrupt_controllers(vm: &TypedVm) -> Result<()> {
+    let vm = vm.fd();
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(vm_ioctl("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(vm_ioctl("KVM_CREATE_IRQCHIP"))?;
+    mask_pics(vm)?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(vm_ioctl("KVM_CREATE_PIT2"))
+}
+
+/// The devices on the port I/O bus, and what the VMM keeps of them while the VM runs.
+struct Devices {
+    buses: Arc<Buses>,
+    end: Arc<GuestEnd>,
+    serial: Arc<Mutex<SerialConsole>>,
+    console: ConsoleOutput,
+    // Bound to COM1's GSI with irqfd for the VM's lifetime.
+    _serial_irq: EventFd,
+}
+
+impl Devices {
+    /// Puts every device at its legacy ISA port (fixed by the PC platform, or named in this
+    /// VMM's ACPI tables): COM1 with its interrupt eventfd bound to GSI 4 through irqfd and
+    /// its output going to `out`, the i8042, the CMOS RTC, the ACPI sleep/reset/notice
+    /// registers and pvpanic.
+    fn attach(vm: &TypedVm, out: ConsoleOut) -> Result<Self> {
+        let end = Arc::new(GuestEnd::new());
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.fd()
+            .register_irqfd(&serial_irq, COM1_GSI)
+            .map_err(vm_ioctl("KVM_IRQFD"))?;
+        let (console, console_writer) = ConsoleOutput::spawn(out).map_err(Error::ConsoleOutput)?;
+        let serial = Arc::new(Mutex::new(SerialConsole::new(
+            serial_irq.try_clone().map_err(Error::EventFd)?,
+            Box::new(console_writer),
+        )));
+        let mut buses = Buses::new();
+        let pio: [(u64, u64, SharedDevice); 5] = [
+            (COM1_PORT, UART_REGISTERS, serial.clone()),
+            (
+                I8042_PORT,
+                I8042_PORTS,
+                Arc::new(Mutex::new(I8042::new(end.clone()))),
+            ),
+            (CMOS_PORT, CMOS_PORTS, Arc::new(Mutex::new(CmosRtc::new()))),
+            (
+                ACPI_SLEEP_CONTROL_PORT,
+                ACPI_PORTS,
+                Arc::new(Mutex::new(AcpiSleepRegisters::new(end.clone()))),
+            ),
+            (
+                PVPANIC_PORT,
+                1,
+                Arc::new(Mutex::new(PvPanic::new(end.clone()))),
+            ),
+        ];
+        for (port, len, device) in pio {
+            buses
+                .pio
+                .insert(port, len, device)
+                .map_err(|source| Error::Bus { port, source })?;
+        }
+        Ok(Devices {
+            buses: Arc::new(buses),
+            end,
+            serial,
+            console,
+            _serial_irq: serial_irq,
+        })
+    }
+}
+
+/// How IA32_FEATURE_CONTROL reaches the vCPUs when nested VMX is exposed.
+type FeatureControl = Option<(ResolvedMode, KvmSupport)>;
+
+/// The vCPUs, each configured and ready for its thread; vCPU 0 with the boot registers for
+/// `entry`, the others waiting for INIT/SIPI in the in-kernel LAPIC.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &TypedVm,
+    permission: &GuestPermission,
+    cfg: &ValidConfig,
+    entry: EntryPoint,
+    buses: &Arc<Buses>,
+) -> Result<Vec<Vcpu>> {
+    let c = cfg.config();
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::SupportedCpuid)?;
+    let mut base_cpuid = permission
+        .guest_cpuid(&supported)
+        .map_err(Error::XstateCpuid)?;
+    if kvm.check_extension(Cap::TscDeadlineTimer) {
+        cpuid::advertise_tsc_deadline(&mut base_cpuid);
+    }
+    let host_vmx = supported
+        .as_slice()
+        .iter()
+        .any(|e| e.function == 1 && e.ecx & CPUID_1_ECX_VMX != 0);
+    let feat_ctl = if c.nested_virt && host_vmx {
+        feature_control(kvm, vm)?
+    } else {
+        None
+    };
+    (0..c.vcpus)
+        .map(|index| {
+            let topo = VcpuTopology {
+                apic_id: index as u8,
+                vcpus: c.vcpus as u8,
+                nested_virt: c.nested_virt,
+            };
+            let vcpu_cpuid = cpuid::for_vcpu(&base_cpuid, topo);
+            let boot_entry = (index == 0).then_some(entry);
+            create_vcpu(vm, permission, index, &vcpu_cpuid, &feat_ctl, boot_entry)
+                .map(|(fd, registers, msr)| Vcpu::new(index, fd, registers, buses.clone(), msr))
+        })
+        .collect()
+}
+
+/// Decides how to provide IA32_FEATURE_CONTROL for nested VMX (msr-featctl), and installs
+/// the MSR filter when it is emulated.
+fn feature_control(kvm: &Kvm, vm: &TypedVm) -> Result<FeatureControl> {
+    let support = KvmSupport::query(kvm).map_err(Error::FeatureControlSupport)?;
+    let resolution =
+        msr_featctl::mode::resolve(kvm, Mode::Automatic).map_err(Error::FeatureControl)?;
+    log::info!("IA32_FEATURE_CONTROL for nested VMX: {resolution}");
+    if resolution.mode == ResolvedMode::Emulated {
+        msr_featctl::emulated::enable_emulation(vm.fd()).map_err(Error::FeatureControlFilter)?;
+    }
+    Ok(Some((resolution.mode, support)))
+}
+
+/// One vCPU: created through the XSTATE permission's proof, its CPUID (and
+/// IA32_FEATURE_CONTROL, which follows that CPUID: natively right after `KVM_SET_CPUID2`, or
+/// emulated with the exposed features), LINT0/LINT1, FPU, and for the boot vCPU the entry
+/// registers through sync-regs.
+fn create_vcpu(
+    vm: &TypedVm,
+    permission: &GuestPermission,
+    index: u32,
+    vcpu_cpuid: &CpuId,
+    feat_ctl: &FeatureControl,
+    boot_entry: Option<EntryPoint>,
+) -> Result<(VcpuFd, RegisterCache, Box<dyn MsrHandler>)> {
+    let vcpu = vm
+        .create_vcpu(permission, u64::from(index))
+        .map_err(vcpu_state(index))?;
+    let msr: Box<dyn MsrHandler> = match feat_ctl {
+        Some((ResolvedMode::Native, support)) => {
+            let native = |source| Error::FeatureControlNative {
+                vcpu: index,
+                source,
+            };
+            let configured = ConfiguredVcpu::configure(vcpu.vcpu(), vcpu_cpuid, None, support)
+                .map_err(native)?;
+            msr_featctl::apply_firmware_value(&configured).map_err(native)?;
+            Box::new(NoMsrs)
+        }
+        Some((ResolvedMode::Emulated, support)) => {
+            vcpu.vcpu()
+                .set_cpuid2(vcpu_cpuid)
+                .map_err(vcpu_ioctl(index, "KVM_SET_CPUID2"))?;
+            let features = GuestCpuidFeatures::exposed(vcpu_cpuid, 0, support).features;
+            Box::new(msr_featctl::EmulatedFeatureControl::with_firmware_value(
+                features,
+            ))
+        }
+        None => {
+            vcpu.vcpu()
+                .set_cpuid2(vcpu_cpuid)
+                .map_err(vcpu_ioctl(index, "KVM_SET_CPUID2"))?;
+            Box::new(NoMsrs)
+        }
+    };
+    set_lint(index, &vcpu)?;
+    vcpu.set_fpu(&regs::boot_fpu()).map_err(vcpu_state(index))?;
+    let mut registers = RegisterCache::for_vm(vm);
+    let fd = vcpu.into_inner();
+    if let Some(entry) = boot_entry {
+        set_boot_registers(&mut registers, &fd, entry)?;
+    }
+    Ok((fd, registers, msr))
+}
+
+/// LINT0 in ExtINT and LINT1 in NMI mode, as firmware leaves the local APIC for an OS.
+fn set_lint(index: u32, vcpu: &GuardedVcpu) -> Result<()> {
+    let mut lapic = vcpu.get_lapic().map_err(vcpu_state(index))?;
     for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
         let bytes: Vec<u8> = lapic.regs[reg..reg + 4].iter().map(|b| *b as u8).collect();
         let value = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
@@ -397,191 +627,13 @@ fn set_lint(vcpu: u32, fd: &VcpuFd) -> Result<()> {
             lapic.regs[reg + i] = *b as _;
         }
     }
-    fd.set_lapic(&lapic)
-        .map_err(vcpu_ioctl(vcpu, "KVM_SET_LAPIC"))
+    vcpu.set_lapic(&lapic).map_err(vcpu_state(index))
 }
 
 impl Vmm {
-    /// Builds the VM for `cfg`, with guest console output going to `out`.
-    pub fn build(cfg: &ValidConfig, out: ConsoleOut) -> Result<Self> {
-        let c = cfg.config();
-        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
-        crate::host::check_vendor_module(std::path::Path::new("/sys/module"))
-            .map_err(Error::HostUnsupported)?;
-        let max = kvm.get_max_vcpus();
-        if c.vcpus as usize > max {
-            return Err(Error::TooManyVcpusForHost {
-                requested: c.vcpus,
-                max,
-            });
-        }
-        let permission = xstate_permission(&SystemHost::new(&kvm), c.amx)?;
-        let vm = vm_types::create_vm(&kvm, vm_types::VmType::Default).map_err(Error::CreateVm)?;
-
-        let mem = memory::create_guest_memory(cfg.mem_bytes())?;
-        for (slot, region) in mem.iter().enumerate() {
-            let slot = slot as u32;
-            let region_desc = kvm_userspace_memory_region {
-                slot,
-                flags: 0,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`, which the returned Vmm
-            // keeps for as long as the VM exists.
-            unsafe { vm.set_user_memory_region(region_desc) }
-                .map_err(|source| Error::MemorySlot { slot, source })?;
-        }
-        vm.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(vm_ioctl("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip()
-            .map_err(vm_ioctl("KVM_CREATE_IRQCHIP"))?;
-        mask_pics(&vm)?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(vm_ioctl("KVM_CREATE_PIT2"))?;
-
-        let entry = boot::load(&mem, cfg)?;
-
-        let end = Arc::new(GuestEnd::new());
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
-        vm.register_irqfd(&serial_irq, COM1_GSI)
-            .map_err(vm_ioctl("KVM_IRQFD"))?;
-        let (console, console_writer) = ConsoleOutput::spawn(out).map_err(Error::ConsoleOutput)?;
-        let serial = Arc::new(Mutex::new(SerialConsole::new(
-            serial_irq.try_clone().map_err(Error::EventFd)?,
-            Box::new(console_writer),
-        )));
-        let mut buses = Buses::new();
-        buses
-            .pio
-            .insert(COM1_PORT, UART_REGISTERS, serial.clone())
-            .map_err(Error::Bus)?;
-        buses
-            .pio
-            .insert(
-                I8042_PORT,
-                I8042_PORTS,
-                Arc::new(Mutex::new(I8042::new(end.clone()))),
-            )
-            .map_err(Error::Bus)?;
-        buses
-            .pio
-            .insert(CMOS_PORT, CMOS_PORTS, Arc::new(Mutex::new(CmosRtc::new())))
-            .map_err(Error::Bus)?;
-        buses
-            .pio
-            .insert(
-                ACPI_SLEEP_CONTROL_PORT,
-                ACPI_PORTS,
-                Arc::new(Mutex::new(AcpiSleepRegisters::new(end.clone()))),
-            )
-            .map_err(Error::Bus)?;
-        buses
-            .pio
-            .insert(
-                PVPANIC_PORT,
-                1,
-                Arc::new(Mutex::new(PvPanic::new(end.clone()))),
-            )
-            .map_err(Error::Bus)?;
-        let buses = Arc::new(buses);
-
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(Error::SupportedCpuid)?;
-        let mut base_cpuid = permission
-            .guest_cpuid(&supported)
-            .map_err(Error::XstateCpuid)?;
-        if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
-            cpuid::advertise_tsc_deadline(&mut base_cpuid);
-        }
-        let host_vmx = supported
-            .as_slice()
-            .iter()
-            .any(|e| e.function == 1 && e.ecx & CPUID_1_ECX_VMX != 0);
-        let feat_ctl = if c.nested_virt && host_vmx {
-            let support = KvmSupport::query(&kvm).map_err(Error::FeatureControlSupport)?;
-            let resolution =
-                msr_featctl::mode::resolve(&kvm, Mode::Automatic).map_err(Error::FeatureControl)?;
-            log::info!("IA32_FEATURE_CONTROL for nested VMX: {resolution}");
-            if resolution.mode == ResolvedMode::Emulated {
-                msr_featctl::emulated::enable_emulation(&vm)
-                    .map_err(Error::FeatureControlFilter)?;
-            }
-            Some((resolution.mode, support))
-        } else {
-            None
-        };
-
-        let mut vcpus = Vec::new();
-        let mut diagnostics = Vec::new();
-        for index in 0..c.vcpus {
-            let fd = permission
-                .create_vcpu(&vm, u64::from(index))
-                .map_err(vcpu_ioctl(index, "KVM_CREATE_VCPU"))?;
-            let topo = VcpuTopology {
-                apic_id: index as u8,
-                vcpus: c.vcpus as u8,
-                nested_virt: c.nested_virt,
-            };
-            // IA32_FEATURE_CONTROL follows the CPUID this vCPU gets: natively right after
-            // KVM_SET_CPUID2 (a refusal stops the VMM), or emulated with the exposed features.
-            let vcpu_cpuid = cpuid::for_vcpu(&base_cpuid, topo);
-            let msr: Box<dyn MsrHandler> = match &feat_ctl {
-                Some((ResolvedMode::Native, support)) => {
-                    let native = |source| Error::FeatureControlNative {
-                        vcpu: index,
-                        source,
-                    };
-                    let configured = ConfiguredVcpu::configure(&fd, &vcpu_cpuid, None, support)
-                        .map_err(native)?;
-                    msr_featctl::apply_firmware_value(&configured).map_err(native)?;
-                    Box::new(NoMsrs)
-                }
-                Some((ResolvedMode::Emulated, support)) => {
-                    fd.set_cpuid2(&vcpu_cpuid)
-                        .map_err(vcpu_ioctl(index, "KVM_SET_CPUID2"))?;
-                    let features = GuestCpuidFeatures::exposed(&vcpu_cpuid, 0, support).features;
-                    Box::new(msr_featctl::EmulatedFeatureControl::with_firmware_value(
-                        features,
-                    ))
-                }
-                None => {
-                    fd.set_cpuid2(&vcpu_cpuid)
-                        .map_err(vcpu_ioctl(index, "KVM_SET_CPUID2"))?;
-                    Box::new(NoMsrs)
-                }
-            };
-            set_lint(index, &fd)?;
-            fd.set_fpu(&regs::boot_fpu())
-                .map_err(vcpu_ioctl(index, "KVM_SET_FPU"))?;
-            let mut registers = RegisterCache::new(&vm, vm_types::VmType::Default);
-            if index == 0 {
-                set_boot_registers(&mut registers, &fd, entry)?;
-            }
-            diagnostics.push(DiagnosticFd::of(index, &fd)?);
-            vcpus.push(Vcpu::new(index, fd, registers, buses.clone(), msr));
-        }
-        let runner = VmRunner::spawn(vcpus).map_err(Error::Runner)?;
-        Ok(Vmm {
-            runner,
-            end,
-            serial,
-            console,
-            diagnostics,
-            _memory: mem,
-            _vm: vm,
-            _serial_irq: serial_irq,
-        })
-    }
-
     /// Starts feeding `input` to the guest's serial port.
     pub fn forward_console_input<R: io::Read + Send + 'static>(&self, input: R) -> Result<()> {
-        crate::devices::serial::forward_input(self.serial.clone(), input)
+        crate::devices::serial::forward_input(self.devices.serial.clone(), input)
             .map(drop)
             .map_err(Error::ConsoleInput)
     }
@@ -594,13 +646,14 @@ impl Vmm {
         self.runner.start().map_err(Error::Runner)?;
         let mut halted = false;
         let signal = loop {
-            if self.runner.wait(POLL_INTERVAL) || self.end.get().is_some() {
+            if self.runner.wait(POLL_INTERVAL) || self.devices.end.get().is_some() {
                 break None;
             }
             if let Some(s) = terminal::termination_signal() {
                 break Some(s);
             }
             if self
+                .devices
                 .end
                 .shutdown_noticed()
                 .is_some_and(|t| Instant::now().duration_since(t) >= HALT_GRACE)
@@ -610,21 +663,24 @@ impl Vmm {
             }
         };
         // A vCPU waiting for room on a console that does not drain must not hold up the stop.
-        self.console.stop_waiting();
+        self.devices.console.stop_waiting();
         let outcome = self
             .runner
             .shutdown(SHUTDOWN_TIMEOUT)
             .map_err(Error::Runner)?;
         if signal.is_none() {
-            self.console
+            self.devices
+                .console
                 .drain(POLL_INTERVAL, || terminal::termination_signal().is_some());
         }
         // A device request came first: the guest's fallbacks after it (another reset
         // method, a triple fault) do not change what it asked for.
-        if let Some(request) = self.end.get() {
+        if let Some(request) = self.devices.end.get() {
             return Ok(match request {
                 GuestRequest::PowerOff => RunOutcome::PowerOff,
-                GuestRequest::Reset if self.end.shutdown_noticed().is_some() => RunOutcome::Reset,
+                GuestRequest::Reset if self.devices.end.shutdown_noticed().is_some() => {
+                    RunOutcome::Reset
+                }
                 GuestRequest::Reset => RunOutcome::ResetWithoutShutdown,
                 GuestRequest::Panic => RunOutcome::Panicked,
             });
@@ -642,16 +698,9 @@ impl Vmm {
             VmOutcome::Reset { .. } => RunOutcome::Reset,
             VmOutcome::TripleFault { vcpu, diagnostics } => RunOutcome::TripleFault {
                 vcpu,
-                // Taken by the vCPU thread at the exit; the duplicated fd (read now, after
-                // the vCPU was stopped) only where that snapshot is missing.
-                dump: match diagnostics.map(|d| d.registers) {
-                    Some(Ok(dump)) => Some(Box::new(dump)),
-                    _ => self
-                        .diagnostics
-                        .get(vcpu as usize)
-                        .and_then(|d| d.dump().ok())
-                        .map(Box::new),
-                },
+                // Taken by the vCPU thread at the exit (vcpu-runner), through its register
+                // cache.
+                dump: diagnostics.and_then(|d| d.registers.ok()).map(Box::new),
             },
             VmOutcome::Crash { vcpu, data } => {
                 RunOutcome::GuestCrash(format!("crash event on vCPU {vcpu}, data {data:x?}"))
@@ -722,6 +771,7 @@ pub fn host_has_required_caps(kvm: &Kvm) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvm_bindings::{kvm_regs, kvm_sregs};
 
     #[test]
     fn exit_codes_are_distinct_per_kind() {
