@@ -317,7 +317,9 @@ struct NestedRun {
 impl NestedRun {
     fn scenario(&self, name: &str) -> Result<(&str, i32), Failed> {
         let begin = format!("=== BEGIN {name}\n");
-        let start = self.log.find(&begin).ok_or_else(|| {
+        // The last start: if the test host froze and was booted again, the script ran again
+        // from its beginning, and only that run's output belongs to the scenario.
+        let start = self.log.rfind(&begin).ok_or_else(|| {
             format!(
                 "scenario {name} never started; log tail:\n{}",
                 tail(&self.log)
