@@ -10,8 +10,12 @@ use std::path::PathBuf;
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, KernelLoaderResult};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -29,12 +33,6 @@ use crate::{acpi, mptable};
 
 /// Page size for initramfs alignment.
 const PAGE_SIZE: u64 = 4096;
-/// `hvm_start_info` size.
-const PVH_START_INFO_LEN: u64 = 56;
-/// `hvm_memmap_table_entry` size.
-const PVH_MEMMAP_ENTRY_LEN: u64 = 24;
-/// `hvm_modlist_entry` size.
-const PVH_MODLIST_ENTRY_LEN: u64 = 32;
 /// Highest address the 64-bit protocol lets an initrd end at when the header gives none.
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 
@@ -124,7 +122,7 @@ pub enum Error {
     ZeroPage(#[source] linux_loader::configurator::Error),
     /// The PVH start info could not be written.
     #[error("cannot write the PVH start info")]
-    PvhInfo(#[source] vm_memory::GuestMemoryError),
+    PvhInfo(#[source] linux_loader::configurator::Error),
     /// The reset-vector stub could not be written.
     #[error("cannot write the reset-vector stub at {RESET_VECTOR_ADDR:#x}")]
     ResetVector(#[source] vm_memory::GuestMemoryError),
@@ -330,43 +328,50 @@ fn write_zero_page(
     .map_err(Error::ZeroPage)
 }
 
-/// The PVH start info, memory map and module list as bytes, laid out from `base`.
-pub fn pvh_info_bytes(
+/// The PVH boot parameters for linux-loader's [`PvhBootConfigurator`]: the start info at
+/// `base`, the memory map right after it, then the module list (the initramfs, if any).
+pub fn pvh_boot_params(
     base: u64,
     e820: &[E820Entry],
     initramfs: Option<InitramfsPlacement>,
     rsdp: u64,
-) -> Vec<u8> {
-    let memmap = base + PVH_START_INFO_LEN.next_multiple_of(8);
-    let modlist = memmap + PVH_MEMMAP_ENTRY_LEN * e820.len() as u64;
-    let mut b = Vec::new();
-    b.extend_from_slice(&XEN_HVM_START_MAGIC_VALUE.to_le_bytes());
-    b.extend_from_slice(&1u32.to_le_bytes()); // version
-    b.extend_from_slice(&0u32.to_le_bytes()); // flags
-    b.extend_from_slice(&u32::from(initramfs.is_some()).to_le_bytes()); // nr_modules
-    b.extend_from_slice(&(if initramfs.is_some() { modlist } else { 0 }).to_le_bytes());
-    b.extend_from_slice(&CMDLINE_ADDR.to_le_bytes());
-    b.extend_from_slice(&rsdp.to_le_bytes());
-    b.extend_from_slice(&memmap.to_le_bytes());
-    b.extend_from_slice(&(e820.len() as u32).to_le_bytes());
-    b.extend_from_slice(&0u32.to_le_bytes()); // reserved
-    b.resize((memmap - base) as usize, 0);
-    for e in e820 {
-        b.extend_from_slice(&e.addr.to_le_bytes());
-        b.extend_from_slice(&e.size.to_le_bytes());
-        b.extend_from_slice(&e.kind.to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
+) -> BootParams {
+    let memmap_addr = base + size_of::<hvm_start_info>() as u64;
+    let memmap: Vec<hvm_memmap_table_entry> = e820
+        .iter()
+        .map(|e| hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind,
+            reserved: 0,
+        })
+        .collect();
+    let modlist_addr = memmap_addr + (size_of::<hvm_memmap_table_entry>() * memmap.len()) as u64;
+    let modules: Vec<hvm_modlist_entry> = initramfs
+        .map(|i| hvm_modlist_entry {
+            paddr: i.addr,
+            size: i.size,
+            ..Default::default()
+        })
+        .into_iter()
+        .collect();
+    let start_info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC_VALUE,
+        version: 1,
+        nr_modules: modules.len() as u32,
+        modlist_paddr: if modules.is_empty() { 0 } else { modlist_addr },
+        cmdline_paddr: CMDLINE_ADDR,
+        rsdp_paddr: rsdp,
+        memmap_paddr: memmap_addr,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
+    };
+    let mut params = BootParams::new(&start_info, GuestAddress(base));
+    params.set_sections(&memmap, GuestAddress(memmap_addr));
+    if !modules.is_empty() {
+        params.set_modules(&modules, GuestAddress(modlist_addr));
     }
-    if let Some(i) = initramfs {
-        b.extend_from_slice(&i.addr.to_le_bytes());
-        b.extend_from_slice(&i.size.to_le_bytes());
-        b.extend_from_slice(&[0u8; 16]); // module cmdline, reserved
-    }
-    debug_assert_eq!(
-        b.len() as u64,
-        modlist - base + PVH_MODLIST_ENTRY_LEN * u64::from(initramfs.is_some())
-    );
-    b
+    params
 }
 
 fn write_pvh_info(
@@ -375,9 +380,11 @@ fn write_pvh_info(
     initramfs: Option<InitramfsPlacement>,
     rsdp: u64,
 ) -> Result<()> {
-    let bytes = pvh_info_bytes(PVH_INFO_ADDR, e820, initramfs, rsdp);
-    mem.write_slice(&bytes, GuestAddress(PVH_INFO_ADDR))
-        .map_err(Error::PvhInfo)
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+        &pvh_boot_params(PVH_INFO_ADDR, e820, initramfs, rsdp),
+        mem,
+    )
+    .map_err(Error::PvhInfo)
 }
 
 #[cfg(test)]
@@ -388,27 +395,39 @@ mod tests {
     #[test]
     fn pvh_layout() {
         let e820 = memory::e820_map(256 << 20);
-        let b = pvh_info_bytes(
-            PVH_INFO_ADDR,
-            &e820,
-            Some(InitramfsPlacement {
-                addr: 0x800_0000,
-                size: 0x1000,
-            }),
-            ACPI_RSDP_ADDR,
-        );
-        assert_eq!(&b[0..4], &XEN_HVM_START_MAGIC_VALUE.to_le_bytes());
-        assert_eq!(u32::from_le_bytes(b[12..16].try_into().unwrap()), 1);
-        let memmap = u64::from_le_bytes(b[40..48].try_into().unwrap());
-        assert_eq!(memmap, PVH_INFO_ADDR + 56);
-        let modlist = u64::from_le_bytes(b[16..24].try_into().unwrap());
-        let m = (modlist - PVH_INFO_ADDR) as usize;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let initramfs = InitramfsPlacement {
+            addr: 0x800_0000,
+            size: 0x1000,
+        };
+        let params = pvh_boot_params(PVH_INFO_ADDR, &e820, Some(initramfs), ACPI_RSDP_ADDR);
+        PvhBootConfigurator::write_bootparams(&params, &mem).unwrap();
+        let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_ADDR)).unwrap();
+        assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
+        assert_eq!((info.version, info.nr_modules), (1, 1));
+        assert_eq!(info.memmap_paddr, PVH_INFO_ADDR + 56);
+        assert_eq!(info.memmap_entries as usize, e820.len());
         assert_eq!(
-            u64::from_le_bytes(b[m..m + 8].try_into().unwrap()),
-            0x800_0000
+            (info.cmdline_paddr, info.rsdp_paddr),
+            (CMDLINE_ADDR, ACPI_RSDP_ADDR)
         );
-        let none = pvh_info_bytes(PVH_INFO_ADDR, &e820, None, 0);
-        assert_eq!(u64::from_le_bytes(none[16..24].try_into().unwrap()), 0);
+        let entry: hvm_memmap_table_entry = mem.read_obj(GuestAddress(info.memmap_paddr)).unwrap();
+        assert_eq!(
+            (entry.addr, entry.size, entry.type_),
+            (e820[0].addr, e820[0].size, e820[0].kind)
+        );
+        assert_eq!(
+            info.modlist_paddr,
+            info.memmap_paddr + 24 * e820.len() as u64
+        );
+        let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
+        assert_eq!((module.paddr, module.size), (0x800_0000, 0x1000));
+
+        let none = pvh_boot_params(PVH_INFO_ADDR, &e820, None, 0);
+        assert!(none.modules.is_none());
+        PvhBootConfigurator::write_bootparams(&none, &mem).unwrap();
+        let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_ADDR)).unwrap();
+        assert_eq!((info.nr_modules, info.modlist_paddr), (0, 0));
     }
 
     proptest! {
