@@ -76,6 +76,21 @@ fn expect_usage_error(args: &[&str], expected: &str) -> Result<(), Failed> {
     Ok(())
 }
 
+/// Runs `args` and checks status 2 and that stderr ends with exactly the line
+/// `vmm-reference: error: {message}`.
+fn expect_usage_error_line(args: &[&str], message: &str) -> Result<(), Failed> {
+    let out = run(args)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() != Some(2) {
+        return Err(format!("exit {:?}, want 2; stderr: {stderr}", out.status.code()).into());
+    }
+    let want = format!("vmm-reference: error: {message}");
+    match stderr.lines().last() {
+        Some(last) if last == want => Ok(()),
+        _ => Err(format!("stderr's last line is not {want:?}: {stderr}").into()),
+    }
+}
+
 /// A file that looks like a bzImage header whose size fields promise more than the file holds.
 fn truncated_bzimage() -> PathBuf {
     let mut b = vec![0u8; 0x1000];
@@ -84,6 +99,8 @@ fn truncated_bzimage() -> PathBuf {
     b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
     b[0x202..0x206].copy_from_slice(b"HdrS");
     b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    b[0x211] = 1; // loadflags: LOADED_HIGH
+    b[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start: 1 MiB
     b[0x236] = 1; // XLF_KERNEL_64
     let p = scratch().join("truncated-bzImage");
     std::fs::write(&p, b).unwrap();
@@ -98,7 +115,9 @@ fn small_valid_kernel() -> PathBuf {
     b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
     b[0x202..0x206].copy_from_slice(b"HdrS");
     b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-    b[0x236] = 1;
+    b[0x211] = 1; // loadflags: LOADED_HIGH
+    b[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start: 1 MiB
+    b[0x236] = 1; // XLF_KERNEL_64
     let p = scratch().join("small-bzImage");
     std::fs::write(&p, b).unwrap();
     p
@@ -270,6 +289,72 @@ fn bad_input_trials() -> Vec<Trial> {
                 &["boot", "--config", p.to_str().unwrap()],
                 "vcpus must be at least 1",
             )
+        }),
+        Trial::test("bad_input::bzimage_without_loaded_high", || {
+            let mut b = std::fs::read(small_valid_kernel()).unwrap();
+            b[0x211] = 0;
+            let p = scratch().join("bzImage-not-loaded-high");
+            std::fs::write(&p, b).unwrap();
+            let p = p.to_str().unwrap();
+            expect_usage_error_line(
+                &["boot", "--kernel", p],
+                &format!(
+                    "kernel {p}: is not a bzImage the 64-bit boot protocol can load high: \
+                     loadflags lack LOADED_HIGH"
+                ),
+            )
+        }),
+        Trial::test("bad_input::kernel_not_a_regular_file", || {
+            expect_usage_error_line(
+                &["boot", "--kernel", "/dev/zero"],
+                "kernel /dev/zero: is not a regular file",
+            )
+        }),
+        Trial::test("bad_input::initramfs_not_a_regular_file", || {
+            let k = small_valid_kernel();
+            expect_usage_error_line(
+                &[
+                    "boot",
+                    "--kernel",
+                    k.to_str().unwrap(),
+                    "--initramfs",
+                    "/dev/zero",
+                ],
+                "initramfs /dev/zero: is not a regular file",
+            )
+        }),
+        Trial::test("bad_input::config_not_a_regular_file", || {
+            expect_usage_error_line(
+                &["boot", "--config", "/dev/zero"],
+                "config file /dev/zero: is not a regular file",
+            )
+        }),
+        Trial::test(
+            "bad_input::config_parse_error_is_one_line_without_repeats",
+            || {
+                let p = scratch().join("config-bad-json.json");
+                std::fs::write(&p, "{\"kernel\": ").unwrap();
+                let p = p.to_str().unwrap();
+                expect_usage_error_line(
+                    &["boot", "--config", p],
+                    &format!(
+                        "invalid config file {p}: EOF while parsing a value at line 1 column 11"
+                    ),
+                )
+            },
+        ),
+        Trial::test("cli::version", || {
+            let out = run(&["--version"])?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let want = format!("vmm-reference {}\n", env!("CARGO_PKG_VERSION"));
+            if out.status.code() != Some(0) || stdout != want {
+                return Err(format!(
+                    "exit {:?}, stdout {stdout:?}, want {want:?}",
+                    out.status.code()
+                )
+                .into());
+            }
+            Ok(())
         }),
     ]
 }

@@ -80,13 +80,27 @@ impl BootArgs {
     }
 }
 
-/// An error with its chain of causes on one line each, as the binary prints it.
+/// An error and its chain of causes on one line, as the binary prints it: `error: cause:
+/// cause`. A cause whose text the line already holds is left out (linux-loader's and
+/// serde_json's errors repeat their source's text in their own), and line breaks inside a
+/// message become `; `.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
+    let one_line = |e: &dyn std::error::Error| {
+        e.to_string()
+            .lines()
+            .map(str::trim_end)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let mut s = one_line(e);
     let mut cause = e.source();
     while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = one_line(c);
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cause = c.source();
     }
     s
@@ -130,5 +144,46 @@ mod tests {
             source: crate::kernel_image::Error::NotAKernel,
         };
         assert!(error_chain(&e).starts_with("kernel /k: is not a kernel"));
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{text}")]
+    struct Layer {
+        text: &'static str,
+        #[source]
+        source: Option<Box<Layer>>,
+    }
+
+    fn layers(texts: &[&'static str]) -> Option<Box<Layer>> {
+        texts.split_first().map(|(text, rest)| {
+            Box::new(Layer {
+                text,
+                source: layers(rest),
+            })
+        })
+    }
+
+    #[test]
+    fn error_chain_drops_causes_the_line_already_holds() {
+        // As linux-loader nests its errors: each message embeds its source's text.
+        let e = layers(&[
+            "cannot load kernel /k",
+            "Kernel Loader: failed to load bzImage kernel image: Kernel Loader: Invalid bzImage",
+            "Kernel Loader: Invalid bzImage",
+            "Invalid bzImage",
+        ])
+        .unwrap();
+        assert_eq!(
+            error_chain(&*e),
+            "cannot load kernel /k: Kernel Loader: failed to load bzImage kernel image: \
+             Kernel Loader: Invalid bzImage"
+        );
+        let e = layers(&["vCPU 1", "KVM_RUN failed", "Bad address (os error 14)"]).unwrap();
+        assert_eq!(
+            error_chain(&*e),
+            "vCPU 1: KVM_RUN failed: Bad address (os error 14)"
+        );
+        let e = layers(&["registers:\nrip 0\n", "gone"]).unwrap();
+        assert_eq!(error_chain(&*e), "registers:; rip 0: gone");
     }
 }

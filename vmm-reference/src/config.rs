@@ -36,6 +36,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The config file's path names something other than a regular file.
+    #[error("config file {path}: is not a regular file")]
+    ConfigNotARegularFile {
+        /// The path.
+        path: PathBuf,
+    },
     /// The config file is not valid JSON for a [`VmConfig`] (unknown keys included).
     #[error("invalid config file {path}: {source}")]
     ParseConfig {
@@ -91,6 +97,12 @@ pub enum Error {
         /// What is wrong with it.
         #[source]
         source: kernel_image::Error,
+    },
+    /// The initramfs path names something other than a regular file.
+    #[error("initramfs {path}: is not a regular file")]
+    InitramfsNotARegularFile {
+        /// The path.
+        path: PathBuf,
     },
     /// The initramfs cannot be opened or its size read.
     #[error("cannot open initramfs {path}")]
@@ -245,6 +257,16 @@ impl VmConfig {
 
     /// Reads and parses a JSON config file.
     pub fn from_file(path: &Path) -> Result<Self> {
+        let read_error = |source| Error::ReadConfig {
+            path: path.to_path_buf(),
+            source,
+        };
+        // Before reading: a device such as /dev/zero never ends.
+        if !std::fs::metadata(path).map_err(read_error)?.is_file() {
+            return Err(Error::ConfigNotARegularFile {
+                path: path.to_path_buf(),
+            });
+        }
         let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
             path: path.to_path_buf(),
             source,
@@ -282,8 +304,14 @@ impl VmConfig {
     /// Checks the numbers first, then the files, and returns the proof of validity.
     pub fn validate(self) -> Result<ValidConfig> {
         self.check_values()?;
-        let kernel = File::open(&self.kernel)
+        let kernel = std::fs::metadata(&self.kernel)
             .map_err(kernel_image::Error::Open)
+            .and_then(|m| {
+                m.is_file()
+                    .then_some(())
+                    .ok_or(kernel_image::Error::NotARegularFile)
+            })
+            .and_then(|()| File::open(&self.kernel).map_err(kernel_image::Error::Open))
             .and_then(|mut f| KernelInfo::inspect(&mut f))
             .map_err(|source| Error::Kernel {
                 path: self.kernel.clone(),
@@ -292,18 +320,14 @@ impl VmConfig {
         let initramfs_size = match &self.initramfs {
             None => None,
             Some(path) => {
-                let size = std::fs::metadata(path)
-                    .and_then(|m| {
-                        if m.is_file() {
-                            Ok(m.len())
-                        } else {
-                            Err(io::Error::new(io::ErrorKind::InvalidInput, "not a file"))
-                        }
-                    })
-                    .map_err(|source| Error::Initramfs {
-                        path: path.clone(),
-                        source,
-                    })?;
+                let metadata = std::fs::metadata(path).map_err(|source| Error::Initramfs {
+                    path: path.clone(),
+                    source,
+                })?;
+                if !metadata.is_file() {
+                    return Err(Error::InitramfsNotARegularFile { path: path.clone() });
+                }
+                let size = metadata.len();
                 if size >= self.mem_mib << 20 {
                     return Err(Error::InitramfsTooLarge {
                         path: path.clone(),

@@ -22,6 +22,14 @@ const EM_X86_64: u16 = 62;
 const PT_LOAD: u32 = 1;
 /// Offset of `version` in a bzImage (boot protocol version).
 const PROTOCOL_VERSION_OFFSET: usize = 0x206;
+/// Offset of `loadflags`.
+const LOADFLAGS_OFFSET: usize = 0x211;
+/// `loadflags` bit 0, LOADED_HIGH: the protected-mode code is loaded at 0x100000. Every
+/// kernel with the 64-bit entry sets it; linux-loader refuses a bzImage without it.
+const LOADED_HIGH: u8 = 1 << 0;
+/// Offset of `code32_start`: where the protected-mode kernel is loaded by default;
+/// linux-loader refuses one below the 1 MiB this VMM loads it at.
+const CODE32_START_OFFSET: usize = 0x214;
 /// Offset of `xloadflags` (protocol 2.12+).
 const XLOADFLAGS_OFFSET: usize = 0x236;
 /// The oldest boot protocol with a 64-bit entry and `xloadflags` (2.12, Linux 3.8).
@@ -46,6 +54,9 @@ pub enum Error {
     /// The file cannot be read.
     #[error("cannot read the file")]
     Read(#[source] io::Error),
+    /// The path names something other than a regular file (a device, a directory, a FIFO).
+    #[error("is not a regular file")]
+    NotARegularFile,
     /// The file is empty.
     #[error("is empty")]
     Empty,
@@ -74,6 +85,18 @@ pub enum Error {
     /// A bzImage without the 64-bit entry point.
     #[error("is a bzImage without a 64-bit entry point (XLF_KERNEL_64 clear)")]
     No64BitEntry,
+    /// A bzImage whose protected-mode code is not loaded high.
+    #[error("is not a bzImage the 64-bit boot protocol can load high: loadflags lack LOADED_HIGH")]
+    NotLoadedHigh,
+    /// A bzImage that wants its protected-mode code below 1 MiB.
+    #[error(
+        "is a bzImage whose code32_start {code32_start:#x} is below 1 MiB, where the 64-bit \
+         boot protocol loads the kernel"
+    )]
+    Code32StartBelowHighMemory {
+        /// `code32_start` from the header.
+        code32_start: u32,
+    },
 }
 
 /// Result of this module.
@@ -162,6 +185,13 @@ fn check_bzimage(head: &[u8], len: u64) -> Result<u64> {
     let xloadflags = u16_at(head, XLOADFLAGS_OFFSET).ok_or(Error::NotAKernel)?;
     if xloadflags & XLF_KERNEL_64 == 0 {
         return Err(Error::No64BitEntry);
+    }
+    if head[LOADFLAGS_OFFSET] & LOADED_HIGH == 0 {
+        return Err(Error::NotLoadedHigh);
+    }
+    let code32_start = u32_at(head, CODE32_START_OFFSET).ok_or(Error::NotAKernel)?;
+    if u64::from(code32_start) < HIMEM_START {
+        return Err(Error::Code32StartBelowHighMemory { code32_start });
     }
     let setup_sects = match head[SETUP_SECTS_OFFSET] {
         0 => 4,
@@ -252,6 +282,9 @@ pub(crate) mod tests {
         b[PROTOCOL_VERSION_OFFSET..PROTOCOL_VERSION_OFFSET + 2]
             .copy_from_slice(&0x020fu16.to_le_bytes());
         b[XLOADFLAGS_OFFSET..XLOADFLAGS_OFFSET + 2].copy_from_slice(&XLF_KERNEL_64.to_le_bytes());
+        b[LOADFLAGS_OFFSET] = LOADED_HIGH;
+        b[CODE32_START_OFFSET..CODE32_START_OFFSET + 4]
+            .copy_from_slice(&(HIMEM_START as u32).to_le_bytes());
         b.truncate(total_len);
         b
     }
@@ -300,6 +333,15 @@ pub(crate) mod tests {
         let mut no64 = fake_bzimage(0x100, 5120);
         no64[XLOADFLAGS_OFFSET] = 0;
         assert!(matches!(detect(no64), Err(Error::No64BitEntry)));
+        let mut low = fake_bzimage(0x100, 5120);
+        low[LOADFLAGS_OFFSET] = 0;
+        assert!(matches!(detect(low), Err(Error::NotLoadedHigh)));
+        let mut below = fake_bzimage(0x100, 5120);
+        below[CODE32_START_OFFSET + 2] = 0;
+        assert!(matches!(
+            detect(below),
+            Err(Error::Code32StartBelowHighMemory { code32_start: 0 })
+        ));
     }
 
     #[test]
