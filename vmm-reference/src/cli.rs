@@ -81,9 +81,12 @@ impl BootArgs {
 }
 
 /// An error and its chain of causes on one line, as the binary prints it: `error: cause:
-/// cause`. A cause whose text the line already holds is left out (linux-loader's and
-/// serde_json's errors repeat their source's text in their own), and line breaks inside a
-/// message become `; `.
+/// cause`, each part once. Some libraries repeat their source's text inside their own
+/// message (linux-loader: `Kernel Loader: failed to load bzImage kernel image: Kernel Loader:
+/// Invalid bzImage`, serde_json through our config error); so a message loses a trailing copy
+/// of its source's text, a cause loses a leading `prefix: ` the part before it already
+/// starts with, and a cause whose text the line already holds is left out. Line breaks
+/// inside a message become `; `.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let one_line = |e: &dyn std::error::Error| {
         e.to_string()
@@ -93,17 +96,35 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
             .collect::<Vec<_>>()
             .join("; ")
     };
-    let mut s = one_line(e);
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = one_line(c);
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
+    let mut line = String::new();
+    let mut previous_prefix: Option<String> = None;
+    let mut current = Some(e);
+    while let Some(err) = current {
+        let mut text = one_line(err);
+        let source = err.source();
+        if let Some(own) = source
+            .map(one_line)
+            .and_then(|s| text.strip_suffix(&s).map(str::to_owned))
+            .and_then(|t| t.strip_suffix(": ").map(str::to_owned))
+        {
+            text = own;
         }
-        cause = c.source();
+        let prefix = text.find(": ").map(|i| text[..i + 2].to_owned());
+        if let Some(p) = &previous_prefix {
+            if let Some(rest) = text.strip_prefix(p.as_str()) {
+                text = rest.to_owned();
+            }
+        }
+        if !text.is_empty() && !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        previous_prefix = prefix;
+        current = source;
     }
-    s
+    line
 }
 
 #[cfg(test)]
@@ -164,6 +185,21 @@ mod tests {
     }
 
     #[test]
+    fn error_chain_of_a_linux_loader_error_says_each_part_once() {
+        let e = crate::boot::Error::LoadKernel {
+            path: "/k".into(),
+            source: linux_loader::loader::Error::Bzimage(
+                linux_loader::loader::bzimage::Error::InvalidBzImage,
+            ),
+        };
+        assert_eq!(
+            error_chain(&e),
+            "cannot load kernel /k: Kernel Loader: failed to load bzImage kernel image: \
+             Invalid bzImage"
+        );
+    }
+
+    #[test]
     fn error_chain_drops_causes_the_line_already_holds() {
         // As linux-loader nests its errors: each message embeds its source's text.
         let e = layers(&[
@@ -176,7 +212,7 @@ mod tests {
         assert_eq!(
             error_chain(&*e),
             "cannot load kernel /k: Kernel Loader: failed to load bzImage kernel image: \
-             Kernel Loader: Invalid bzImage"
+             Invalid bzImage"
         );
         let e = layers(&["vCPU 1", "KVM_RUN failed", "Bad address (os error 14)"]).unwrap();
         assert_eq!(
