@@ -343,6 +343,14 @@ fn bad_input_trials() -> Vec<Trial> {
                 )
             },
         ),
+        Trial::test("cli::help_says_how_to_set_the_log_level", || {
+            let out = run(&["--help"])?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            if out.status.code() != Some(0) || !stdout.contains("RUST_LOG sets its level") {
+                return Err(format!("exit {:?}, stdout {stdout:?}", out.status.code()).into());
+            }
+            Ok(())
+        }),
         Trial::test("cli::version", || {
             let out = run(&["--version"])?;
             let stdout = String::from_utf8_lossy(&out.stdout);

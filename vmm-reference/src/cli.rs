@@ -12,7 +12,12 @@ pub const EXIT_USAGE: i32 = 2;
 
 /// vmm-reference: boot Linux on KVM with a serial console, composed from the workspace crates.
 #[derive(Debug, Parser)]
-#[command(name = "vmm-reference", version)]
+#[command(
+    name = "vmm-reference",
+    version,
+    after_help = "Logging goes to stderr; RUST_LOG sets its level (default warn): \
+                  RUST_LOG=info, RUST_LOG=debug, or per module, e.g. RUST_LOG=vcpu_runner=debug."
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
