@@ -230,8 +230,12 @@ pub fn run(workspace: &Path) -> Result<Report> {
     tarpaulin
         .current_dir(workspace)
         .args(["tarpaulin", "--engine", "ptrace", "--workspace", "--locked"])
-        // workspace-tests measures only the excluded vmm-reference, and boots L1 to do it.
+        // workspace-tests measures only the excluded vmm-reference, and boots L1 to do it;
+        // vmm-reference's own coverage is not gated (its boot path runs only in L1), and its
+        // signal, pty and console-thread tests upset tarpaulin's ptrace engine (EINVAL while
+        // waiting for the test). Their tests run in the unit and kvm-local tiers.
         .args(["--exclude", "xtask", "--exclude", "workspace-tests"])
+        .args(["--exclude", "vmm-reference"])
         .args(["--skip-clean", "--out", "Json"])
         .arg("--output-dir")
         .arg(&output_dir)
