@@ -576,9 +576,11 @@ fn create_vcpu(
     feat_ctl: &FeatureControl,
     boot_entry: Option<EntryPoint>,
 ) -> Result<(VcpuFd, RegisterCache, Box<dyn MsrHandler>)> {
-    let vcpu = vm
-        .create_vcpu(permission, u64::from(index))
-        .map_err(vcpu_state(index))?;
+    let id = u64::from(index);
+    let vcpu = permission
+        .create_vcpu(vm.fd(), id)
+        .map_err(|source| vcpu_state(index)(vm_types::VcpuError::CreateVcpu { id, source }))?;
+    let vcpu = vm.guard_vcpu(vcpu);
     let msr: Box<dyn MsrHandler> = match feat_ctl {
         Some((ResolvedMode::Native, support)) => {
             let native = |source| Error::FeatureControlNative {

@@ -7,7 +7,7 @@
 //! and address translation go through [`GuardedVcpu::vcpu`]. A refused call never reaches the kernel and
 //! comes back as [`VcpuError::Refused`], naming the operation, the VM type and the kernel check.
 //!
-//! The guard follows the VM's launch: a vCPU made by [`crate::TypedVm::create_vcpu`] shares the
+//! The guard follows the VM's launch: a vCPU made by [`crate::TypedVm::guard_vcpu`] shares the
 //! VM's [`LaunchState`], so register setup before the launch step works and the same calls
 //! are refused after [`crate::TypedVm::mark_launched`].
 
@@ -100,7 +100,7 @@ macro_rules! guarded_set {
 
 impl GuardedVcpu {
     /// Wraps `vcpu`, whose VM has the type `guard` is for, with a launch state of its own
-    /// starting at the guard's phase. Prefer [`crate::TypedVm::create_vcpu`], whose vCPUs
+    /// starting at the guard's phase. Prefer [`crate::TypedVm::guard_vcpu`], whose vCPUs
     /// follow the VM's launch.
     pub fn new(vcpu: VcpuFd, guard: GuestStateGuard) -> Self {
         let launch = match guard.phase() {

@@ -51,7 +51,7 @@
 //! let host = xstate_perm::SystemHost::new(&kvm);
 //! let permission =
 //!     xstate_perm::GuestPermission::request(&host, xstate_perm::XFeatureSet::LEGACY)?;
-//! let vcpu = vm.create_vcpu(&permission, 0)?; // takes the XSTATE proof
+//! let vcpu = vm.guard_vcpu(permission.create_vcpu(vm.fd(), 0)?); // created through the proof
 //! let regs = vcpu.get_regs()?;
 //! vcpu.set_regs(&regs)?;
 //! vm.mark_launched(); // after the type's launch command; a no-op for DEFAULT

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::guard::{GuestStateGuard, LaunchPhase, ProtectionConfig};
-use crate::guarded::{GuardedVcpu, VcpuError};
+use crate::guarded::GuardedVcpu;
 use crate::host;
 use crate::VmType;
 
@@ -61,8 +61,8 @@ impl LaunchState {
 /// A VM file descriptor with the type it was created with.
 ///
 /// It lends the `VmFd` for everything that is not vCPU state ([`TypedVm::fd`]: memory slots,
-/// irqchip, launch commands through `KVM_MEMORY_ENCRYPT_OP`), and creates guarded vCPUs
-/// ([`TypedVm::create_vcpu`]).
+/// irqchip, launch commands through `KVM_MEMORY_ENCRYPT_OP`), and guards the vCPUs created
+/// ([`TypedVm::guard_vcpu`]).
 #[derive(Debug)]
 pub struct TypedVm {
     fd: VmFd,
@@ -149,27 +149,11 @@ impl TypedVm {
         self.launch.phase() == LaunchPhase::Launched
     }
 
-    /// `KVM_CREATE_VCPU` through xstate-perm's proof that the process's XSTATE guest
-    /// permission was settled (creating the first vCPU freezes it), returning the vCPU
-    /// guarded for this VM's type and launch state.
-    ///
-    /// # Errors
-    ///
-    /// [`VcpuError::CreateVcpu`] with the kernel's error.
-    pub fn create_vcpu(
-        &self,
-        permission: &xstate_perm::GuestPermission,
-        id: u64,
-    ) -> Result<GuardedVcpu, VcpuError> {
-        let vcpu = permission
-            .create_vcpu(&self.fd, id)
-            .map_err(|source| VcpuError::CreateVcpu { id, source })?;
-        Ok(self.guard_vcpu(vcpu))
-    }
-
-    /// Guards a vCPU of this VM that was created elsewhere (by a VMM's own vCPU set-up, or
-    /// through xstate-perm's `GuestPermission::create_vcpu`), following this VM's type and
-    /// launch state.
+    /// Guards a vCPU of this VM, following this VM's type and launch state. The handle does
+    /// not create vCPUs itself: creating the first vCPU freezes the process's XSTATE guest
+    /// permission, so vCPUs come from whatever settled it (xstate-perm's
+    /// `GuestPermission::create_vcpu(vm.fd(), id)`, or the VMM's own set-up) and are guarded
+    /// here.
     pub fn guard_vcpu(&self, vcpu: VcpuFd) -> GuardedVcpu {
         GuardedVcpu::with_launch_state(vcpu, self.vm_type, self.config, self.launch.clone())
     }

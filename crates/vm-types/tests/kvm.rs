@@ -355,7 +355,7 @@ fn guard_refuses_before_the_kernel_is_asked(kvm: &Kvm) -> TestResult {
 /// vCPUs created before and after the launch.
 fn typed_vm_protects_from_the_launch_step(kvm: &Kvm) -> TestResult {
     let vm = TypedVm::assume_type(create_vm(kvm, VmType::Default)?, VmType::SevEs);
-    let vcpu = vm.create_vcpu(&settled(kvm)?, 0)?;
+    let vcpu = vm.guard_vcpu(settled(kvm)?.create_vcpu(vm.fd(), 0)?);
     let setup = kvm_regs {
         rip: 0x4321,
         rflags: 2,
@@ -395,7 +395,7 @@ fn typed_vm_protects_from_the_launch_step(kvm: &Kvm) -> TestResult {
             "{op} after launch gave {result:?}"
         );
     }
-    let late = vm.create_vcpu(&settled(kvm)?, 1)?;
+    let late = vm.guard_vcpu(settled(kvm)?.create_vcpu(vm.fd(), 1)?);
     ensure!(
         matches!(late.get_regs(), Err(VcpuError::Refused(_))),
         "a vCPU created after launch is not protected"
@@ -408,7 +408,7 @@ fn typed_vm_protects_from_the_launch_step(kvm: &Kvm) -> TestResult {
     );
     // A DEFAULT VM's launch changes nothing.
     let plain = TypedVm::create(kvm, VmType::Default)?;
-    let vcpu = plain.create_vcpu(&settled(kvm)?, 0)?;
+    let vcpu = plain.guard_vcpu(settled(kvm)?.create_vcpu(plain.fd(), 0)?);
     plain.mark_launched();
     vcpu.set_regs(&setup)?;
     ensure!(
@@ -464,7 +464,7 @@ fn set_guest_debug_through_the_guard(kvm: &Kvm) -> TestResult {
 /// through SREGS2 is what KVM_GET_SREGS then reads.
 fn sregs2_through_the_guard(kvm: &Kvm) -> TestResult {
     let vm = TypedVm::create(kvm, VmType::Default)?;
-    let vcpu = vm.create_vcpu(&settled(kvm)?, 0)?;
+    let vcpu = vm.guard_vcpu(settled(kvm)?.create_vcpu(vm.fd(), 0)?);
     let sregs = vcpu.get_sregs()?;
     let mut sregs2 = vcpu.get_sregs2()?;
     ensure_eq!(
@@ -486,7 +486,7 @@ fn xsave2_through_the_guard(kvm: &Kvm) -> TestResult {
     let size = vm.fd().check_extension_int(Cap::Xsave2);
     let size =
         usize::try_from(size).map_err(|_| TestError::fail(format!("KVM_CAP_XSAVE2 = {size}")))?;
-    let vcpu = vm.create_vcpu(&settled(kvm)?, 0)?;
+    let vcpu = vm.guard_vcpu(settled(kvm)?.create_vcpu(vm.fd(), 0)?);
     let legacy = vcpu.get_xsave()?;
     let entry = std::mem::size_of::<u32>();
     let fam = size
@@ -619,7 +619,7 @@ fn create_typed_vm(kvm: &Kvm, ty: VmType, needs: &str) -> TestResult {
 }
 
 /// xstate-perm's proof that the process's XSTATE guest permission is settled, which
-/// `TypedVm::create_vcpu` takes: these tests give guests no dynamic features.
+/// creates every vCPU these tests guard: they give guests no dynamic features.
 fn settled(kvm: &Kvm) -> Result<xstate_perm::GuestPermission, TestError> {
     xstate_perm::GuestPermission::request(
         &xstate_perm::SystemHost::new(kvm),
