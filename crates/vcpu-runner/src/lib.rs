@@ -14,6 +14,8 @@
 //! * [`kick`]: the kick primitive (a blocked real-time signal unblocked only inside
 //!   `KVM_RUN` via `KVM_SET_SIGNAL_MASK`), and why it cannot lose a kick.
 //! * [`vm`]: [`VmRunner`], one thread per vCPU, a shared [`VmOutcome`] and a bounded join.
+//! * [`profile`]: an opt-in exit profile per vCPU (exits by kind and address, counts, handling
+//!   time, time to the first `KVM_RUN`).
 //! * [`diagnostics`]: register dump, internal-error data and counters for failures and
 //!   triple faults.
 //!
@@ -63,6 +65,7 @@ pub mod bus;
 pub mod diagnostics;
 pub mod dispatch;
 pub mod kick;
+pub mod profile;
 pub mod sys;
 pub mod vcpu;
 pub mod vm;

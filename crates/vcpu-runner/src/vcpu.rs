@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
 use sync_regs::{RegisterCache, Registers};
@@ -26,6 +26,7 @@ use crate::dispatch::{
     dispatch, ExitOutcome, ExitRecord, ExitStats, MsrHandler, SystemEvent, UnhandledExit,
 };
 use crate::kick::{self, KickTarget};
+use crate::profile::{ExitKey, ExitProfile, ProfileSlot};
 
 /// How many times [`Command::Pause`] re-enters KVM with `immediate_exit` to finish an
 /// in-flight instruction that keeps producing exits (a string I/O instruction does, one
@@ -347,6 +348,8 @@ pub struct Vcpu {
     msr: Box<dyn MsrHandler>,
     hook: Option<Box<dyn ExitHook>>,
     stats: ExitStats,
+    /// The exit profile being collected, and where it goes when the run loop ends.
+    profile: Option<(ExitProfile, ProfileSlot)>,
     /// The last exit left an instruction that KVM completes on the next `KVM_RUN`.
     in_flight: bool,
     /// What the registers were at a triple fault, taken at the exit.
@@ -387,6 +390,7 @@ impl Vcpu {
             msr,
             hook: None,
             stats: ExitStats::default(),
+            profile: None,
             in_flight: false,
             triple_fault: None,
         }
@@ -396,6 +400,16 @@ impl Vcpu {
     #[must_use]
     pub fn with_exit_hook(mut self, hook: Box<dyn ExitHook>) -> Self {
         self.hook = Some(hook);
+        self
+    }
+
+    /// Collects an [`ExitProfile`] on the vCPU thread: every exit by kind and address, with
+    /// counts and times. The profile is written into `slot` when the run loop ends, however it
+    /// ends (so after [`VmRunner::shutdown`](crate::VmRunner::shutdown) or
+    /// [`VcpuThread::join`] the slot holds it).
+    #[must_use]
+    pub fn with_profile(mut self, slot: ProfileSlot) -> Self {
+        self.profile = Some((ExitProfile::default(), slot));
         self
     }
 
@@ -467,6 +481,7 @@ impl Vcpu {
                 }
                 let _ = ready_tx.send(Ok(()));
                 let result = vcpu.run_loop(&commands_rx, &thread_shared);
+                vcpu.publish_profile();
                 let reason = match &result {
                     Ok(reason) => reason.clone(),
                     Err(e) => {
@@ -508,6 +523,15 @@ impl Vcpu {
             },
             join: Some(join),
         })
+    }
+
+    /// Hands the profile collected so far to its slot (a poisoned slot is taken over: the
+    /// profile is plain data).
+    fn publish_profile(&mut self) {
+        if let Some((profile, slot)) = &self.profile {
+            let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            *slot = Some(profile.clone());
+        }
     }
 
     /// The run loop. Runs on the vCPU thread until a stop reason or an error.
@@ -589,15 +613,22 @@ impl Vcpu {
     fn enter(&mut self) -> Result<ExitOutcome> {
         let (buses, msr, stats) = (&self.buses, &mut self.msr, &mut self.stats);
         let record = self.hook.is_some();
+        let entered = self.profile.as_mut().map(|(profile, _)| {
+            let now = Instant::now();
+            profile.entering(now);
+            now
+        });
         let ran = self.registers.run(&mut self.fd, |mut exit| {
+            let profiled = entered.map(|entered| (ExitKey::of(&exit), entered.elapsed()));
+            let returned = entered.map(|_| Instant::now());
             let in_flight = ExitOutcome::leaves_instruction_in_flight(&exit);
             let outcome = dispatch(&mut exit, buses, &mut **msr, stats);
             let record = record.then(|| ExitRecord::of(&exit));
-            (in_flight, outcome, record)
+            (in_flight, outcome, record, profiled.zip(returned))
         });
         let index = self.index;
         match ran {
-            Ok((in_flight, outcome, record)) => {
+            Ok((in_flight, outcome, record, profiled)) => {
                 self.in_flight = in_flight;
                 if let (Some(hook), Some(record)) = (self.hook.as_mut(), record) {
                     hook.after_exit(&record, &outcome, &mut self.registers.with(&self.fd))
@@ -606,12 +637,20 @@ impl Vcpu {
                             source,
                         })?;
                 }
+                if let (Some((profile, _)), Some(((key, in_run), returned))) =
+                    (self.profile.as_mut(), profiled)
+                {
+                    profile.record(key, in_run, returned.elapsed());
+                }
                 Ok(outcome)
             }
             Err(sync_regs::Error::Run(e))
                 if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN =>
             {
                 self.in_flight = false;
+                if let (Some((profile, _)), Some(entered)) = (self.profile.as_mut(), entered) {
+                    profile.record(ExitKey::Interrupted, entered.elapsed(), Duration::ZERO);
+                }
                 Ok(ExitOutcome::Interrupted)
             }
             Err(sync_regs::Error::Run(source)) => Err(Error::Run {

@@ -10,6 +10,7 @@ use kvm_test_support::guest::{TinyGuest, CODE_ADDR};
 use kvm_test_support::{ensure, ensure_eq, harness, KvmTest, Requirement, TestError, TestResult};
 use sync_regs::RegisterCache;
 use sync_regs::Registers;
+use vcpu_runner::profile::ExitKey;
 use vcpu_runner::{
     BusDevice, Buses, Command, ExitHook, ExitOutcome, ExitRecord, MsrHandler, NoMsrs, StopReason,
     Vcpu, VcpuState, VmOutcome, VmRunner,
@@ -712,6 +713,60 @@ fn bounded_waits_time_out(kvm: &Kvm) -> TestResult {
     Ok(())
 }
 
+/// A profiled guest: 50 `out`s to one port, 3 `in`s from another, one MMIO write, then HLT.
+/// The profile counts each by kind and address, and its first `KVM_RUN` is after the spawn.
+fn profile_counts_exits_by_kind_and_address(kvm: &Kvm) -> TestResult {
+    const MMIO: u64 = 0x1000_0000;
+    let mut code = vec![
+        0xb9, 0x32, 0x00, 0x00, 0x00, // mov ecx, 50
+        0xe6, 0x80, // 5: out 0x80, al
+        0xe2, 0xfc, // loop 5
+        0xe4, 0x61, // in al, 0x61
+        0xe4, 0x61, // in al, 0x61
+        0xe4, 0x61, // in al, 0x61
+        0x48, 0xa3, // mov [moffs64], rax
+    ];
+    code.extend_from_slice(&MMIO.to_le_bytes());
+    code.push(0xf4); // hlt
+    let rig = rig(kvm, &code)?;
+    let mut buses = Buses::new();
+    buses.pio.insert(0x80, 1, latch(0))?;
+    buses.pio.insert(0x61, 1, latch(0x20))?;
+    buses.mmio.insert(MMIO, 8, latch(0))?;
+    let slot = Arc::new(Mutex::new(None));
+    let vcpu = Vcpu::new(
+        0,
+        rig.vcpu0,
+        cache(&rig.vm),
+        Arc::new(buses),
+        Box::new(NoMsrs),
+    )
+    .with_profile(slot.clone());
+    let before = Instant::now();
+    let outcome = run_single(vcpu)?;
+    ensure!(matches!(outcome, VmOutcome::Halted), "outcome {outcome}");
+    let profile = slot
+        .lock()
+        .unwrap()
+        .take()
+        .ok_or_else(|| TestError::fail("the vCPU published no profile"))?;
+    let count = |key| profile.get(key).map_or(0, |f| f.count);
+    ensure_eq!(count(ExitKey::PortWrite(0x80)), 50, "{profile}");
+    ensure_eq!(count(ExitKey::PortRead(0x61)), 3, "{profile}");
+    ensure_eq!(count(ExitKey::MmioWrite(MMIO)), 1, "{profile}");
+    ensure_eq!(count(ExitKey::Hlt), 1, "{profile}");
+    // Kicks may add `Interrupted` rows; nothing else may appear.
+    let total = profile.total();
+    ensure_eq!(total.count - count(ExitKey::Interrupted), 55, "{profile}");
+    ensure!(total.handling > Duration::ZERO, "{profile}");
+    ensure!(total.in_kvm_run >= total.handling / 1000, "{profile}");
+    let first = profile
+        .first_run()
+        .ok_or_else(|| TestError::fail("no first KVM_RUN recorded"))?;
+    ensure!(first >= before, "first KVM_RUN before the spawn");
+    Ok(())
+}
+
 fn main() {
     let msr_caps = |t: KvmTest| {
         t.requires(Requirement::Cap(Cap::X86UserSpaceMsr))
@@ -749,5 +804,9 @@ fn main() {
             internal_error_is_reported_with_diagnostics,
         ),
         KvmTest::new("bounded_waits_time_out", bounded_waits_time_out),
+        KvmTest::new(
+            "profile_counts_exits_by_kind_and_address",
+            profile_counts_exits_by_kind_and_address,
+        ),
     ])
 }
