@@ -36,7 +36,12 @@ pub enum Task {
     /// binary failed or did not finish.
     NestedTests(NestedTestsArgs),
     /// Print the path of the cached L1 kernel (bzImage), fetching it if missing.
-    NestedKernel,
+    NestedKernel {
+        /// Print the path of its ELF vmlinux instead (extracted from the bzImage once, for
+        /// booting the same kernel through its PVH entry).
+        #[arg(long)]
+        vmlinux: bool,
+    },
     /// Boot the reference VMM's default guest: installs what is missing first (as root),
     /// then boots directly on a VMX/SVM host, inside the nested test host otherwise.
     Demo(DemoArgs),
@@ -47,6 +52,14 @@ pub enum Task {
     MinimalVersions,
     /// Soak the nested test host: many guest boots and runs of the KVM test binaries in one
     /// L1 boot, counting the times L1 froze and where.
+    ///
+    /// Guest boot i (from 0) has 1, 2 or 4 vCPUs by i mod 3 and ends by poweroff, reboot or
+    /// panic by (i / 3) mod 3, so every 9 boots run each combination once. A boot passes
+    /// when the VMM's exit status (0, 0, 3), the marker with the vCPU count, the guest
+    /// init's line for its ending, a kernel panic seen exactly when one was asked for, and
+    /// the VMM's last line (`guest powered off`, `guest requested reset`, `guest reset
+    /// without an orderly shutdown`) all match. The summary counts passes, failures and
+    /// test-host freezes per combination. Exits non-zero if any boot or test run failed.
     NestedSoak(SoakArgs),
     /// Write the reference VMM's default guest initramfs (busybox, `/init` with the marker).
     GuestInitramfs {
@@ -161,7 +174,8 @@ pub struct DemoArgs {
 /// Options of `cargo xtask nested-soak`.
 #[derive(Debug, Args)]
 pub struct SoakArgs {
-    /// Guest boots (reference VMM, default guest, alternating 1 and 2 vCPUs).
+    /// Guest boots (reference VMM, default guest, cycling through 1/2/4 vCPUs and the
+    /// poweroff/reboot/panic endings; a multiple of 9 covers every combination evenly).
     #[arg(long, default_value_t = 200)]
     pub boots: u32,
     /// Runs of every `kvm` and `smoke` test binary, spread between the boots.

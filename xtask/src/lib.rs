@@ -45,6 +45,7 @@ pub mod protocol;
 pub mod qemu;
 pub mod scratch;
 pub mod setup;
+pub mod vmlinux;
 
 /// Environment variable that overrides [`cache_dir`].
 pub const CACHE_DIR_ENV: &str = "NESTED_CACHE_DIR";

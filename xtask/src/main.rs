@@ -59,7 +59,16 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
-        Task::NestedKernel => match debian::KernelCache::new(&cache_dir).get_or_fetch() {
+        Task::NestedKernel { vmlinux } => match debian::KernelCache::new(&cache_dir).get_or_fetch()
+        {
+            Ok(kernel) if vmlinux => match xtask::vmlinux::cached(&kernel.vmlinuz, &kernel.release)
+            {
+                Ok(path) => {
+                    println!("{}", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            },
             Ok(kernel) => {
                 println!("{}", kernel.vmlinuz.display());
                 ExitCode::SUCCESS
