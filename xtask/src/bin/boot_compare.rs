@@ -1,12 +1,17 @@
 //! Boot time to the marker line and peak resident memory: vmm-reference next to QEMU microvm.
 //!
 //! `boot_compare run` runs inside the nested kvm-amd test host (L1). It boots the same kernel,
-//! initramfs and command line with vmm-reference and with `qemu-system-x86_64 -M microvm`,
-//! alternating the two run by run, and for each run prints
+//! initramfs and command line with vmm-reference and with `qemu-system-x86_64 -M microvm`, each
+//! from the bzImage and from the ELF vmlinux through its PVH entry (vmm-reference also with
+//! transparent huge pages on), one run of every variant per round, the order rotated round by
+//! round, and for each run prints
 //!
 //! ```text
-//! RUN vmm=<ours|qemu> boot_ms=<ms> guest_uptime_s=<s> maxrss_kib=<KiB> end=<exited|killed>
+//! RUN vmm=<variant> boot_ms=<ms> guest_uptime_s=<s> maxrss_kib=<KiB> end=<exited|killed> [overhead_kib=<KiB>]
 //! ```
+//!
+//! `overhead_kib` (vmm-reference only, from its `--profile` report) is the resident memory
+//! outside guest RAM at exit, from `/proc/self/smaps`.
 //!
 //! `boot_ms` is the time from `spawn` to the first line holding the marker on the VMM's stdout
 //! (the guest's serial console); `guest_uptime_s` is the guest's `/proc/uptime` that the marker
@@ -72,43 +77,81 @@ enum Error {
         /// 1-based line number.
         line: usize,
     },
-    /// A log holds no successful run of one VMM.
+    /// The runs hold no successful run of one VMM.
     #[error("no successful run of {0} in the logs")]
-    NoRuns(Vmm),
+    NoRuns(&'static str),
 }
 
 /// Result of this program.
 type Result<T> = std::result::Result<T, Error>;
 
-/// The two VMMs compared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// The variants compared: a VMM and its boot path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 enum Vmm {
-    /// vmm-reference.
-    Ours,
-    /// QEMU's microvm machine.
-    Qemu,
+    /// vmm-reference, bzImage (64-bit boot protocol).
+    OursBzimage,
+    /// vmm-reference, ELF vmlinux through PVH.
+    OursPvh,
+    /// vmm-reference, PVH, guest RAM with transparent huge pages.
+    OursPvhThp,
+    /// QEMU microvm, bzImage (through qboot and linuxboot_dma).
+    QemuBzimage,
+    /// QEMU microvm, ELF vmlinux through PVH.
+    QemuPvh,
 }
+
+/// Every variant, in table order.
+const VARIANTS: [Vmm; 5] = [
+    Vmm::OursBzimage,
+    Vmm::OursPvh,
+    Vmm::OursPvhThp,
+    Vmm::QemuBzimage,
+    Vmm::QemuPvh,
+];
+
+/// Pairs whose ratios the summary prints: same boot path, and each VMM's fastest path.
+const PAIRS: [(Vmm, Vmm); 4] = [
+    (Vmm::OursBzimage, Vmm::QemuBzimage),
+    (Vmm::OursPvh, Vmm::QemuPvh),
+    (Vmm::OursPvhThp, Vmm::QemuPvh),
+    (Vmm::OursPvh, Vmm::QemuBzimage),
+];
 
 impl Vmm {
     fn name(self) -> &'static str {
         match self {
-            Vmm::Ours => "ours",
-            Vmm::Qemu => "qemu",
+            Vmm::OursBzimage => "ours-bzimage",
+            Vmm::OursPvh => "ours-pvh",
+            Vmm::OursPvhThp => "ours-pvh-thp",
+            Vmm::QemuBzimage => "qemu-bzimage",
+            Vmm::QemuPvh => "qemu-pvh",
         }
     }
 
-    fn other(self) -> Vmm {
+    fn label(self) -> &'static str {
         match self {
-            Vmm::Ours => Vmm::Qemu,
-            Vmm::Qemu => Vmm::Ours,
+            Vmm::OursBzimage => "vmm-reference, bzImage",
+            Vmm::OursPvh => "vmm-reference, PVH",
+            Vmm::OursPvhThp => "vmm-reference, PVH, THP on",
+            Vmm::QemuBzimage => "QEMU microvm, bzImage",
+            Vmm::QemuPvh => "QEMU microvm, PVH",
         }
     }
 
+    fn is_ours(self) -> bool {
+        matches!(self, Vmm::OursBzimage | Vmm::OursPvh | Vmm::OursPvhThp)
+    }
+
+    fn pvh(self) -> bool {
+        matches!(self, Vmm::OursPvh | Vmm::OursPvhThp | Vmm::QemuPvh)
+    }
+
+    /// `ours` and `qemu` are the names of earlier logs, which had bzImage runs only.
     fn from_name(name: &str) -> Option<Vmm> {
         match name {
-            "ours" => Some(Vmm::Ours),
-            "qemu" => Some(Vmm::Qemu),
-            _ => None,
+            "ours" => Some(Vmm::OursBzimage),
+            "qemu" => Some(Vmm::QemuBzimage),
+            _ => VARIANTS.into_iter().find(|v| v.name() == name),
         }
     }
 }
@@ -153,24 +196,31 @@ struct RunArgs {
     /// Guest kernel (bzImage).
     #[arg(long, default_value = "/data/bzImage")]
     kernel: PathBuf,
+    /// The same kernel as an ELF vmlinux with a PVH note (`cargo xtask nested-kernel --vmlinux`).
+    #[arg(long, default_value = "/data/vmlinux")]
+    vmlinux: PathBuf,
     /// Guest initramfs (the vmm-reference default one: it prints the marker).
     #[arg(long, default_value = "/data/initramfs.cpio")]
     initramfs: PathBuf,
     /// Guest kernel command line, the same for both VMMs.
     #[arg(long, default_value = DEFAULT_CMDLINE)]
     cmdline: String,
-    /// Runs of each VMM.
+    /// Rounds; each runs every variant once.
     #[arg(long, default_value_t = 3)]
     runs: u32,
+    /// The variants to run [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    variants: Vec<Vmm>,
     /// Guest vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     mem_mib: u32,
-    /// The VMM of the first run; the runs then alternate.
-    #[arg(long, value_enum, default_value = "ours")]
-    first: Vmm,
+    /// Rotate the order of the variants by this much in the first round (then by one more
+    /// each round), so that separate test-host boots start with different variants.
+    #[arg(long, default_value_t = 0)]
+    rotate: usize,
     /// Seconds to wait for the marker before the run counts as failed.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -203,6 +253,8 @@ struct RunRecord {
     /// Peak resident set, KiB.
     maxrss_kib: u64,
     end: End,
+    /// vmm-reference's resident memory outside guest RAM at exit, KiB.
+    overhead_kib: Option<u64>,
 }
 
 impl RunRecord {
@@ -211,7 +263,7 @@ impl RunRecord {
             Some(v) => format!("{v:.prec$}"),
             None => "none".to_string(),
         };
-        format!(
+        let mut line = format!(
             "RUN vmm={} boot_ms={} guest_uptime_s={} maxrss_kib={} end={}",
             self.vmm,
             opt(self.boot_ms, 1),
@@ -221,7 +273,11 @@ impl RunRecord {
                 End::Exited => "exited",
                 End::Killed => "killed",
             }
-        )
+        );
+        if let Some(kib) = self.overhead_kib {
+            line.push_str(&format!(" overhead_kib={kib}"));
+        }
+        line
     }
 }
 
@@ -236,6 +292,7 @@ fn parse_run(line: &str) -> std::result::Result<Option<RunRecord>, ()> {
     let mut uptime = None;
     let mut maxrss = None;
     let mut end = None;
+    let mut overhead = None;
     let num = |v: &str| -> std::result::Result<Option<f64>, ()> {
         if v == "none" {
             return Ok(None);
@@ -252,6 +309,7 @@ fn parse_run(line: &str) -> std::result::Result<Option<RunRecord>, ()> {
             "boot_ms" => boot_ms = Some(num(value)?),
             "guest_uptime_s" => uptime = Some(num(value)?),
             "maxrss_kib" => maxrss = Some(value.parse::<u64>().map_err(|_| ())?),
+            "overhead_kib" => overhead = Some(value.parse::<u64>().map_err(|_| ())?),
             "end" => {
                 end = Some(match value {
                     "exited" => End::Exited,
@@ -268,6 +326,7 @@ fn parse_run(line: &str) -> std::result::Result<Option<RunRecord>, ()> {
         guest_uptime_s: uptime.ok_or(())?,
         maxrss_kib: maxrss.ok_or(())?,
         end: end.ok_or(())?,
+        overhead_kib: overhead,
     }))
 }
 
@@ -307,6 +366,9 @@ struct Stats {
     rss_median_kib: f64,
     rss_max_kib: f64,
     killed: usize,
+    /// Median of the VMM overhead outside guest RAM, KiB (vmm-reference only).
+    overhead_median_kib: Option<f64>,
+    overhead_max_kib: Option<f64>,
 }
 
 fn stats(records: &[RunRecord], vmm: Vmm) -> Option<Stats> {
@@ -319,6 +381,10 @@ fn stats(records: &[RunRecord], vmm: Vmm) -> Option<Stats> {
     let boots: Vec<f64> = ok.iter().filter_map(|r| r.boot_ms).collect();
     let uptimes: Vec<f64> = ok.iter().filter_map(|r| r.guest_uptime_s).collect();
     let rss: Vec<f64> = ok.iter().map(|r| r.maxrss_kib as f64).collect();
+    let overheads: Vec<f64> = ok
+        .iter()
+        .filter_map(|r| r.overhead_kib.map(|k| k as f64))
+        .collect();
     let (boot_min_ms, boot_median_ms) = min_median(&boots)?;
     let (rss_min_kib, rss_median_kib) = min_median(&rss)?;
     Some(Stats {
@@ -331,13 +397,26 @@ fn stats(records: &[RunRecord], vmm: Vmm) -> Option<Stats> {
         rss_median_kib,
         rss_max_kib: rss.iter().copied().fold(0.0, f64::max),
         killed: ok.iter().filter(|r| r.end == End::Killed).count(),
+        overhead_median_kib: min_median(&overheads).map(|(_, m)| m),
+        overhead_max_kib: overheads.iter().copied().reduce(f64::max),
     })
 }
 
-/// The summary table (Markdown) of both VMMs over `records`.
+/// The summary (Markdown): a row per variant with runs, then the ratios of [`PAIRS`] and the
+/// ratio of each VMM's fastest variant (by median boot time). Errors when no vmm-reference or
+/// no QEMU variant has a successful run.
 fn summary(records: &[RunRecord]) -> Result<String> {
-    let ours = stats(records, Vmm::Ours).ok_or(Error::NoRuns(Vmm::Ours))?;
-    let qemu = stats(records, Vmm::Qemu).ok_or(Error::NoRuns(Vmm::Qemu))?;
+    let all: Vec<(Vmm, Stats)> = VARIANTS
+        .into_iter()
+        .filter_map(|v| stats(records, v).map(|s| (v, s)))
+        .collect();
+    let fastest = |ours: bool| {
+        all.iter()
+            .filter(|(v, _)| v.is_ours() == ours)
+            .min_by(|a, b| a.1.boot_median_ms.total_cmp(&b.1.boot_median_ms))
+    };
+    let best_ours = fastest(true).ok_or(Error::NoRuns("vmm-reference"))?;
+    let best_qemu = fastest(false).ok_or(Error::NoRuns("QEMU"))?;
     let up = |s: &Stats| {
         s.uptime_median_s
             .map_or_else(|| "-".to_string(), |u| format!("{u:.2}"))
@@ -346,11 +425,17 @@ fn summary(records: &[RunRecord]) -> Result<String> {
     let mut out = String::new();
     out.push_str(
         "| | runs (failed) | boot min ms | boot median ms | guest uptime at marker, median s | \
-         peak RSS median MiB | peak RSS max MiB |\n|---|---|---|---|---|---|---|\n",
+         peak RSS median MiB | peak RSS max MiB | VMM overhead median (max) MiB |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
-    for (name, s) in [("vmm-reference", &ours), ("QEMU microvm", &qemu)] {
+    for (v, s) in &all {
+        let overhead = match (s.overhead_median_kib, s.overhead_max_kib) {
+            (Some(m), Some(x)) => format!("{:.2} ({:.2})", mib(m), mib(x)),
+            _ => "-".to_string(),
+        };
         out.push_str(&format!(
-            "| {name} | {} ({}) | {:.0} | {:.0} | {} | {:.1} | {:.1} |\n",
+            "| {} | {} ({}) | {:.0} | {:.0} | {} | {:.1} | {:.1} | {overhead} |\n",
+            v.label(),
             s.runs,
             s.failed,
             s.boot_min_ms,
@@ -360,17 +445,40 @@ fn summary(records: &[RunRecord]) -> Result<String> {
             mib(s.rss_max_kib)
         ));
     }
-    out.push_str(&format!(
-        "| ours / QEMU | | {:.2} | {:.2} | | {:.2} | {:.2} |\n",
-        ours.boot_min_ms / qemu.boot_min_ms,
-        ours.boot_median_ms / qemu.boot_median_ms,
-        ours.rss_median_kib / qemu.rss_median_kib,
-        ours.rss_max_kib / qemu.rss_max_kib
+    let mut ratio_rows: Vec<(String, &Stats, &Stats)> = PAIRS
+        .iter()
+        .filter_map(|(a, b)| {
+            let sa = &all.iter().find(|(v, _)| v == a)?.1;
+            let sb = &all.iter().find(|(v, _)| v == b)?.1;
+            Some((format!("{} / {}", a.name(), b.name()), sa, sb))
+        })
+        .collect();
+    ratio_rows.push((
+        format!("fastest: {} / {}", best_ours.0.name(), best_qemu.0.name()),
+        &best_ours.1,
+        &best_qemu.1,
     ));
-    if ours.killed + qemu.killed > 0 {
+    out.push_str(
+        "\n| ratio | boot min | boot median | peak RSS median | peak RSS max |\n|---|---|---|---|---|\n",
+    );
+    for (name, a, b) in ratio_rows {
         out.push_str(&format!(
-            "\nKilled after the marker (no power-off within the grace period): ours {}, QEMU {}.\n",
-            ours.killed, qemu.killed
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            a.boot_min_ms / b.boot_min_ms,
+            a.boot_median_ms / b.boot_median_ms,
+            a.rss_median_kib / b.rss_median_kib,
+            a.rss_max_kib / b.rss_max_kib
+        ));
+    }
+    let killed: Vec<String> = all
+        .iter()
+        .filter(|(_, s)| s.killed > 0)
+        .map(|(v, s)| format!("{} {}", v.name(), s.killed))
+        .collect();
+    if !killed.is_empty() {
+        out.push_str(&format!(
+            "\nKilled after the marker (no power-off within the grace period): {}.\n",
+            killed.join(", ")
         ));
     }
     Ok(out)
@@ -379,38 +487,51 @@ fn summary(records: &[RunRecord]) -> Result<String> {
 /// The command line of one VMM for `args`.
 fn vmm_command(vmm: Vmm, args: &RunArgs) -> Command {
     let cmdline = format!("{} vmmref.end=poweroff", args.cmdline);
-    match vmm {
-        Vmm::Ours => {
-            let mut c = Command::new(&args.vmm_reference);
-            c.arg("boot")
-                .arg("--kernel")
-                .arg(&args.kernel)
-                .arg("--initramfs")
-                .arg(&args.initramfs)
-                .args(["--vcpus", &args.vcpus.to_string()])
-                .args(["--mem-mib", &args.mem_mib.to_string()])
-                .arg("--cmdline")
-                .arg(cmdline);
-            c
-        }
-        Vmm::Qemu => {
-            let mut c = Command::new(&args.qemu);
-            c.args(["-M", "microvm,rtc=on", "-enable-kvm", "-cpu", "host"])
-                .args(["-m", &args.mem_mib.to_string()])
-                .args(["-smp", &args.vcpus.to_string()])
-                .args(["-nodefaults", "-no-user-config", "-display", "none"])
-                .args(["-serial", "stdio", "-no-reboot"])
-                .arg("-L")
-                .arg(&args.qemu_data)
-                .arg("-kernel")
-                .arg(&args.kernel)
-                .arg("-initrd")
-                .arg(&args.initramfs)
-                .arg("-append")
-                .arg(cmdline);
-            c
-        }
+    let kernel = if vmm.pvh() {
+        &args.vmlinux
+    } else {
+        &args.kernel
+    };
+    if vmm.is_ours() {
+        let mut c = Command::new(&args.vmm_reference);
+        let huge_pages = if vmm == Vmm::OursPvhThp { "on" } else { "off" };
+        c.arg("boot")
+            .arg("--kernel")
+            .arg(kernel)
+            .arg("--initramfs")
+            .arg(&args.initramfs)
+            .args(["--vcpus", &args.vcpus.to_string()])
+            .args(["--mem-mib", &args.mem_mib.to_string()])
+            .args(["--huge-pages", huge_pages])
+            .arg("--profile")
+            .arg("--cmdline")
+            .arg(cmdline);
+        c
+    } else {
+        let mut c = Command::new(&args.qemu);
+        c.args(["-M", "microvm,rtc=on", "-enable-kvm", "-cpu", "host"])
+            .args(["-m", &args.mem_mib.to_string()])
+            .args(["-smp", &args.vcpus.to_string()])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-serial", "stdio", "-no-reboot"])
+            .arg("-L")
+            .arg(&args.qemu_data)
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(&args.initramfs)
+            .arg("-append")
+            .arg(cmdline);
+        c
     }
+}
+
+/// The overhead line of vmm-reference's `--profile` report (`VMM outside guest RAM X MiB`),
+/// in KiB.
+fn profile_overhead_kib(line: &str) -> Option<u64> {
+    let rest = line.split("VMM outside guest RAM ").nth(1)?;
+    let mib: f64 = rest.split_whitespace().next()?.parse().ok()?;
+    Some((mib * 1024.0).round() as u64)
 }
 
 /// `wait4(2)` on `pid`; with `nohang`, `Ok(None)` while it still runs. Returns `ru_maxrss`.
@@ -448,9 +569,20 @@ fn kill(pid: libc::pid_t) {
 fn run_once(vmm: Vmm, args: &RunArgs) -> Result<RunRecord> {
     let mut cmd = vmm_command(vmm, args);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    if vmm.is_ours() {
+        cmd.stderr(Stdio::piped());
+    }
     let start = Instant::now();
     let mut child: Child = cmd.spawn().map_err(|source| Error::Spawn { vmm, source })?;
     let pid = child.id() as libc::pid_t;
+    let profile = child.stderr.take().map(|err| {
+        thread::spawn(move || {
+            BufReader::new(err)
+                .lines()
+                .map_while(|l| l.ok())
+                .find_map(|l| profile_overhead_kib(&l))
+        })
+    });
     let (tx, rx) = mpsc::channel::<(Instant, String)>();
     let echo = args.echo;
     let reader = child.stdout.take().map(|out| {
@@ -497,27 +629,36 @@ fn run_once(vmm: Vmm, args: &RunArgs) -> Result<RunRecord> {
     if let Some(r) = reader {
         let _ = r.join();
     }
+    let overhead_kib = profile.and_then(|p| p.join().ok().flatten());
     Ok(RunRecord {
         vmm,
         boot_ms,
         guest_uptime_s,
         maxrss_kib,
         end,
+        overhead_kib,
     })
 }
 
 fn run(args: &RunArgs) -> Result<bool> {
+    let variants: Vec<Vmm> = if args.variants.is_empty() {
+        VARIANTS.to_vec()
+    } else {
+        args.variants.clone()
+    };
     println!(
-        "BOOT-COMPARE-BEGIN runs={} vcpus={} mem_mib={} first={} cmdline={:?}",
-        args.runs, args.vcpus, args.mem_mib, args.first, args.cmdline
+        "BOOT-COMPARE-BEGIN runs={} vcpus={} mem_mib={} rotate={} cmdline={:?}",
+        args.runs, args.vcpus, args.mem_mib, args.rotate, args.cmdline
     );
     let mut records = Vec::new();
-    let mut vmm = args.first;
-    for _ in 0..args.runs * 2 {
-        let r = run_once(vmm, args)?;
-        println!("{}", r.line());
-        records.push(r);
-        vmm = vmm.other();
+    for round in 0..args.runs as usize {
+        let mut order = variants.clone();
+        order.rotate_left((args.rotate + round) % variants.len());
+        for vmm in order {
+            let r = run_once(vmm, args)?;
+            println!("{}", r.line());
+            records.push(r);
+        }
     }
     let all_ok = records.iter().all(|r| r.boot_ms.is_some());
     match summary(&records) {
@@ -527,16 +668,16 @@ fn run(args: &RunArgs) -> Result<bool> {
     Ok(all_ok)
 }
 
-/// For each boot of the test host (a group of runs), the ratio ours/QEMU of the median boot
-/// times; groups without a successful run of both VMMs are left out. Pairing within a boot
-/// takes out the boot-to-boot variation of the nested host.
-fn per_boot_ratios(groups: &[Vec<RunRecord>]) -> Vec<f64> {
+/// For each boot of the test host (a group of runs), the ratio a/b of the median boot times;
+/// groups without a successful run of both are left out. Pairing within a boot takes out the
+/// boot-to-boot variation of the nested host.
+fn per_boot_ratios(groups: &[Vec<RunRecord>], a: Vmm, b: Vmm) -> Vec<f64> {
     groups
         .iter()
         .filter_map(|g| {
-            let ours = stats(g, Vmm::Ours)?;
-            let qemu = stats(g, Vmm::Qemu)?;
-            Some(ours.boot_median_ms / qemu.boot_median_ms)
+            let sa = stats(g, a)?;
+            let sb = stats(g, b)?;
+            Some(sa.boot_median_ms / sb.boot_median_ms)
         })
         .collect()
 }
@@ -576,13 +717,23 @@ fn summarize(logs: &[PathBuf]) -> Result<String> {
         records.len(),
         summary(&records)?
     );
-    let ratios = per_boot_ratios(&groups);
-    if let Some((min, median)) = min_median(&ratios) {
-        let list: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-        out.push_str(&format!(
-            "\nPer test-host boot, median boot time ours/QEMU: {} (min {min:.2}, median {median:.2})\n",
-            list.join(", ")
-        ));
+    let mut first = true;
+    for (a, b) in PAIRS {
+        let ratios = per_boot_ratios(&groups, a, b);
+        if let Some((min, median)) = min_median(&ratios) {
+            if first {
+                out.push_str("\nPer test-host boot, median boot time:\n");
+                first = false;
+            }
+            let list: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+            let max = ratios.iter().copied().fold(f64::MIN, f64::max);
+            out.push_str(&format!(
+                "- {}/{}: {} (min {min:.2}, median {median:.2}, max {max:.2})\n",
+                a.name(),
+                b.name(),
+                list.join(", ")
+            ));
+        }
     }
     Ok(out)
 }
@@ -626,17 +777,22 @@ mod tests {
             guest_uptime_s: boot.map(|_| 1.25),
             maxrss_kib: rss,
             end: End::Exited,
+            overhead_kib: None,
         }
     }
 
     #[test]
     fn run_lines_round_trip() {
         for r in [
-            rec(Vmm::Ours, Some(1234.5), 40_000),
-            rec(Vmm::Qemu, None, 1),
+            rec(Vmm::OursBzimage, Some(1234.5), 40_000),
+            rec(Vmm::QemuBzimage, None, 1),
             RunRecord {
                 end: End::Killed,
-                ..rec(Vmm::Qemu, Some(7.0), 9)
+                ..rec(Vmm::QemuBzimage, Some(7.0), 9)
+            },
+            RunRecord {
+                overhead_kib: Some(2900),
+                ..rec(Vmm::OursPvhThp, Some(7.0), 9)
             },
         ] {
             assert_eq!(parse_run(&r.line()), Ok(Some(r.clone())));
@@ -690,24 +846,28 @@ mod tests {
     #[test]
     fn stats_leave_failed_runs_out_and_count_them() {
         let records = vec![
-            rec(Vmm::Ours, Some(300.0), 30_000),
-            rec(Vmm::Qemu, Some(200.0), 100_000),
-            rec(Vmm::Ours, None, 5),
-            rec(Vmm::Qemu, Some(400.0), 120_000),
-            rec(Vmm::Ours, Some(100.0), 20_000),
-            rec(Vmm::Qemu, Some(600.0), 110_000),
+            rec(Vmm::OursBzimage, Some(300.0), 30_000),
+            rec(Vmm::QemuBzimage, Some(200.0), 100_000),
+            rec(Vmm::OursBzimage, None, 5),
+            rec(Vmm::QemuBzimage, Some(400.0), 120_000),
+            rec(Vmm::OursBzimage, Some(100.0), 20_000),
+            rec(Vmm::QemuBzimage, Some(600.0), 110_000),
         ];
-        let ours = stats(&records, Vmm::Ours).expect("ours has runs");
+        let ours = stats(&records, Vmm::OursBzimage).expect("ours has runs");
         assert_eq!((ours.runs, ours.failed), (2, 1));
         assert_eq!((ours.boot_min_ms, ours.boot_median_ms), (100.0, 200.0));
         assert_eq!(ours.rss_max_kib, 30_000.0);
-        let qemu = stats(&records, Vmm::Qemu).expect("qemu has runs");
+        let qemu = stats(&records, Vmm::QemuBzimage).expect("qemu has runs");
         assert_eq!((qemu.boot_min_ms, qemu.boot_median_ms), (200.0, 400.0));
         assert_eq!(qemu.rss_median_kib, 110_000.0);
         let table = summary(&records).expect("both have runs");
         // ours/QEMU: min 100/200, median 200/400, RSS median 25000/110000.
         assert!(
-            table.contains("| ours / QEMU | | 0.50 | 0.50 | | 0.23 | 0.25 |"),
+            table.contains("| ours-bzimage / qemu-bzimage | 0.50 | 0.50 | 0.23 | 0.25 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| fastest: ours-bzimage / qemu-bzimage | 0.50 | 0.50 |"),
             "{table}"
         );
     }
@@ -715,27 +875,34 @@ mod tests {
     #[test]
     fn per_boot_ratios_pair_runs_within_a_boot() {
         let groups = vec![
-            vec![rec(Vmm::Ours, Some(30.0), 1), rec(Vmm::Qemu, Some(20.0), 1)],
-            vec![rec(Vmm::Ours, Some(5.0), 1)],
             vec![
-                rec(Vmm::Qemu, Some(100.0), 1),
-                rec(Vmm::Ours, Some(50.0), 1),
-                rec(Vmm::Qemu, Some(300.0), 1),
-                rec(Vmm::Ours, Some(150.0), 1),
+                rec(Vmm::OursBzimage, Some(30.0), 1),
+                rec(Vmm::QemuBzimage, Some(20.0), 1),
+            ],
+            vec![rec(Vmm::OursBzimage, Some(5.0), 1)],
+            vec![
+                rec(Vmm::QemuBzimage, Some(100.0), 1),
+                rec(Vmm::OursBzimage, Some(50.0), 1),
+                rec(Vmm::QemuBzimage, Some(300.0), 1),
+                rec(Vmm::OursBzimage, Some(150.0), 1),
             ],
         ];
-        assert_eq!(per_boot_ratios(&groups), vec![1.5, 0.5]);
+        assert_eq!(
+            per_boot_ratios(&groups, Vmm::OursBzimage, Vmm::QemuBzimage),
+            vec![1.5, 0.5]
+        );
+        assert!(per_boot_ratios(&groups, Vmm::OursPvh, Vmm::QemuPvh).is_empty());
     }
 
     #[test]
     fn summary_needs_both_vmms() {
-        let only_ours = vec![rec(Vmm::Ours, Some(1.0), 1)];
-        assert!(matches!(summary(&only_ours), Err(Error::NoRuns(Vmm::Qemu))));
-        let failed_qemu = vec![rec(Vmm::Ours, Some(1.0), 1), rec(Vmm::Qemu, None, 1)];
-        assert!(matches!(
-            summary(&failed_qemu),
-            Err(Error::NoRuns(Vmm::Qemu))
-        ));
+        let only_ours = vec![rec(Vmm::OursBzimage, Some(1.0), 1)];
+        assert!(matches!(summary(&only_ours), Err(Error::NoRuns("QEMU"))));
+        let failed_qemu = vec![
+            rec(Vmm::OursBzimage, Some(1.0), 1),
+            rec(Vmm::QemuBzimage, None, 1),
+        ];
+        assert!(matches!(summary(&failed_qemu), Err(Error::NoRuns("QEMU"))));
     }
 
     #[test]
@@ -744,17 +911,20 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let good = dir.join("good.log");
         let mut text = String::from("noise\nBOOT-COMPARE-BEGIN runs=1\n");
-        text.push_str(&rec(Vmm::Ours, Some(10.0), 2048).line());
+        text.push_str(&rec(Vmm::OursBzimage, Some(10.0), 2048).line());
         text.push('\n');
-        text.push_str(&rec(Vmm::Qemu, Some(20.0), 4096).line());
+        text.push_str(&rec(Vmm::QemuBzimage, Some(20.0), 4096).line());
         text.push_str("\nBOOT-COMPARE-BEGIN runs=1\n");
         std::fs::write(&good, text).expect("write log");
         let out = summarize(std::slice::from_ref(&good)).expect("summary");
         assert!(out.starts_with("2 runs over 2 boots"), "{out}");
-        assert!(out.contains("| vmm-reference | 1 (0) | 10 | 10 |"), "{out}");
+        assert!(
+            out.contains("| vmm-reference, bzImage | 1 (0) | 10 | 10 |"),
+            "{out}"
+        );
         // One boot with both VMMs: 10/20; the empty second boot is left out.
         assert!(
-            out.contains("ours/QEMU: 0.50 (min 0.50, median 0.50)"),
+            out.contains("- ours-bzimage/qemu-bzimage: 0.50 (min 0.50, median 0.50, max 0.50)"),
             "{out}"
         );
         let bad = dir.join("bad.log");
@@ -781,13 +951,40 @@ mod tests {
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect()
         };
-        let ours = argv(vmm_command(Vmm::Ours, &args));
-        let qemu = argv(vmm_command(Vmm::Qemu, &args));
         let cmdline = format!("{DEFAULT_CMDLINE} vmmref.end=poweroff");
-        assert!(ours.contains(&cmdline) && qemu.contains(&cmdline));
-        assert!(ours.contains(&"/data/bzImage".to_string()));
-        assert!(qemu.contains(&"/data/bzImage".to_string()));
-        assert!(qemu.contains(&"microvm,rtc=on".to_string()));
-        assert_eq!(Vmm::Ours.other(), Vmm::Qemu);
+        for v in VARIANTS {
+            let a = argv(vmm_command(v, &args));
+            assert!(a.contains(&cmdline), "{v:?}: {a:?}");
+            let kernel = if v.pvh() {
+                "/data/vmlinux"
+            } else {
+                "/data/bzImage"
+            };
+            assert!(a.contains(&kernel.to_string()), "{v:?}: {a:?}");
+            assert!(
+                a.contains(&"/data/initramfs.cpio".to_string()),
+                "{v:?}: {a:?}"
+            );
+            if v.is_ours() {
+                let thp = if v == Vmm::OursPvhThp { "on" } else { "off" };
+                assert!(a.windows(2).any(|w| w == ["--huge-pages", thp]), "{a:?}");
+                assert!(a.contains(&"--profile".to_string()), "{a:?}");
+            } else {
+                assert!(a.contains(&"microvm,rtc=on".to_string()), "{a:?}");
+            }
+            assert_eq!(Vmm::from_name(v.name()), Some(v));
+        }
+        assert_eq!(Vmm::from_name("ours"), Some(Vmm::OursBzimage));
+        assert_eq!(Vmm::from_name("qemu"), Some(Vmm::QemuBzimage));
+    }
+
+    #[test]
+    fn overhead_is_read_from_the_profile_report() {
+        let line =
+            "  memory at exit: guest RAM resident 41.2 of 256.0 MiB mapped (0.0 MiB in huge \
+                    pages); VMM outside guest RAM 2.9 MiB; peak RSS 45.0 MiB";
+        assert_eq!(profile_overhead_kib(line), Some(2970));
+        assert_eq!(profile_overhead_kib("VMM outside guest RAM x MiB"), None);
+        assert_eq!(profile_overhead_kib("no such line"), None);
     }
 }
