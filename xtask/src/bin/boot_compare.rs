@@ -172,8 +172,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Boot both VMMs alternately (inside a host with hardware KVM) and print RUN lines.
-    Run(RunArgs),
+    /// Boot every variant in turn (inside a host with hardware KVM) and print RUN lines.
+    Run(Box<RunArgs>),
     /// Minimum and median per VMM, and ratios, over the RUN lines of the given logs.
     Summarize {
         /// Logs holding RUN lines (other lines are ignored).
