@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, Overrides, VmConfig};
+use crate::memory::HugePages;
 
 /// Exit status for invalid input (as clap uses for usage errors).
 pub const EXIT_USAGE: i32 = 2;
@@ -41,7 +42,7 @@ pub enum CliCommand {
 #[derive(Debug, Args)]
 pub struct BootArgs {
     /// JSON config file with the keys kernel, initramfs, cmdline, mem_mib, vcpus, amx,
-    /// nested_virt.
+    /// nested_virt, seccomp, huge_pages.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Kernel: a bzImage, or an ELF vmlinux with a PVH note.
@@ -65,6 +66,19 @@ pub struct BootArgs {
     /// Expose VMX/SVM to the guest.
     #[arg(long)]
     pub nested_virt: bool,
+    /// At exit, print a boot profile to stderr: time to each build step, to each vCPU's first
+    /// KVM_RUN and to the first console byte; every vCPU's exits by kind and port/MMIO address
+    /// with counts and handling time; resident memory split into guest RAM and the rest.
+    #[arg(long)]
+    pub profile: bool,
+    /// Back guest RAM with transparent huge pages (on) or 4 KiB pages only (off)
+    /// [default: off].
+    #[arg(long, value_enum)]
+    pub huge_pages: Option<HugePages>,
+    /// Run without the per-thread seccomp filters (to debug a forbidden syscall, which
+    /// otherwise ends the VMM with status 4 and names the syscall).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 impl BootArgs {
@@ -80,6 +94,8 @@ impl BootArgs {
                 vcpus: self.vcpus,
                 amx: self.amx,
                 nested_virt: self.nested_virt,
+                no_seccomp: self.no_seccomp,
+                huge_pages: self.huge_pages,
             },
         )
     }
@@ -161,6 +177,13 @@ mod tests {
         let c = args.to_config().unwrap();
         assert_eq!((c.vcpus, c.mem_mib), (2, 128));
         assert_eq!(c.cmdline, config::DEFAULT_CMDLINE);
+        assert!(c.seccomp);
+        let cli = Cli::try_parse_from(["vmm-reference", "boot", "--kernel", "/k", "--no-seccomp"])
+            .unwrap();
+        let CliCommand::Boot(args) = cli.command else {
+            panic!("not boot")
+        };
+        assert!(!args.to_config().unwrap().seccomp);
     }
 
     #[test]

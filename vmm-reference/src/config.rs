@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::kernel_image::{self, KernelFormat, KernelInfo};
+use crate::memory::HugePages;
 use crate::sys::{CMDLINE_MAX_LEN, MAX_VCPUS};
 
 /// The default kernel command line: serial console, reboot through the i8042 (which this VMM
@@ -172,8 +173,18 @@ pub struct VmConfig {
     /// also provides IA32_FEATURE_CONTROL as firmware would.
     #[serde(default)]
     pub nested_virt: bool,
+    /// Confine each VMM thread to the syscalls it needs with a seccomp filter once the guest
+    /// runs ([`crate::seccomp`]); `false` only to debug a forbidden syscall.
+    #[serde(default = "default_seccomp")]
+    pub seccomp: bool,
+    /// Back guest RAM with transparent huge pages (`"on"`) or 4 KiB pages (`"off"`).
+    #[serde(default)]
+    pub huge_pages: HugePages,
 }
 
+fn default_seccomp() -> bool {
+    true
+}
 fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
 }
@@ -201,6 +212,10 @@ pub struct Overrides {
     pub amx: bool,
     /// `--nested-virt`.
     pub nested_virt: bool,
+    /// `--no-seccomp`: turns seccomp off whatever the file says.
+    pub no_seccomp: bool,
+    /// `--huge-pages`.
+    pub huge_pages: Option<HugePages>,
 }
 
 /// A configuration whose values and files were checked; only this builds a VM.
@@ -289,6 +304,8 @@ impl VmConfig {
             vcpus: default_vcpus(),
             amx: false,
             nested_virt: false,
+            seccomp: default_seccomp(),
+            huge_pages: HugePages::default(),
         });
         Ok(VmConfig {
             kernel,
@@ -298,6 +315,8 @@ impl VmConfig {
             vcpus: flags.vcpus.unwrap_or(base.vcpus),
             amx: flags.amx || base.amx,
             nested_virt: flags.nested_virt || base.nested_virt,
+            seccomp: base.seccomp && !flags.no_seccomp,
+            huge_pages: flags.huge_pages.unwrap_or(base.huge_pages),
         })
     }
 
@@ -400,6 +419,8 @@ mod tests {
             vcpus,
             amx: false,
             nested_virt: false,
+            seccomp: true,
+            huge_pages: HugePages::Off,
         }
     }
 
@@ -409,6 +430,7 @@ mod tests {
         assert_eq!(c.mem_mib, DEFAULT_MEM_MIB);
         assert_eq!(c.vcpus, 1);
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert!(c.seccomp, "seccomp is on unless turned off");
         let e = VmConfig::from_json(r#"{"kernel": "/k", "memory": 5}"#, Path::new("c.json"))
             .unwrap_err();
         assert!(e.to_string().contains("unknown field `memory`"), "{e}");
@@ -432,6 +454,26 @@ mod tests {
             (c.vcpus, c.mem_mib, c.kernel.as_path()),
             (3, 128, Path::new("/k"))
         );
+        assert!(c.seccomp);
+        std::fs::write(&path, r#"{"kernel": "/k", "seccomp": false}"#).unwrap();
+        let off = VmConfig::from_file_and_flags(Some(&path), Overrides::default()).unwrap();
+        assert!(!off.seccomp, "the file turns seccomp off");
+        std::fs::write(&path, r#"{"kernel": "/k", "seccomp": true}"#).unwrap();
+        let flag = Overrides {
+            no_seccomp: true,
+            ..Default::default()
+        };
+        let off = VmConfig::from_file_and_flags(Some(&path), flag.clone()).unwrap();
+        assert!(!off.seccomp, "--no-seccomp wins over the file");
+        let off = VmConfig::from_file_and_flags(
+            None,
+            Overrides {
+                kernel: Some("/k".into()),
+                ..flag
+            },
+        )
+        .unwrap();
+        assert!(!off.seccomp, "--no-seccomp without a file");
         assert!(matches!(
             VmConfig::from_file_and_flags(None, Overrides::default()),
             Err(Error::NoKernel)

@@ -5,7 +5,8 @@
 //! [`config`] (flags and JSON, validated before KVM is touched), [`boot`] (loading with
 //! linux-loader; [`acpi`], [`mptable`], [`regs`], [`memory`]), [`cpuid`], [`devices`],
 //! [`vmm`] (building the VM from vm-types, xstate-perm, msr-featctl and running it with
-//! vcpu-runner) and [`probe`].
+//! vcpu-runner; each thread confined by its own [`seccomp`] filter while the guest runs) and
+//! [`probe`].
 //!
 //! ```no_run
 //! use vmm_reference::config::{Overrides, VmConfig};
@@ -42,7 +43,9 @@ pub mod kernel_image;
 pub mod memory;
 pub mod mptable;
 pub mod probe;
+pub mod profile;
 pub mod regs;
+pub mod seccomp;
 pub mod sys;
 pub mod terminal;
 pub mod vmm;

@@ -2,10 +2,12 @@
 //! map how it ended to the exit status. Everything else is in the library.
 
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::Parser;
 use vmm_reference::cli::{error_chain, Cli, CliCommand, EXIT_USAGE};
 use vmm_reference::probe;
+use vmm_reference::profile::BootProfile;
 use vmm_reference::terminal::RawTerminal;
 use vmm_reference::vmm::Vmm;
 
@@ -17,12 +19,18 @@ fn fail(code: u8, e: &dyn std::error::Error) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn boot(args: &vmm_reference::cli::BootArgs) -> ExitCode {
+fn boot(args: &vmm_reference::cli::BootArgs, started: Instant) -> ExitCode {
     let config = match args.to_config().and_then(|c| c.validate()) {
         Ok(c) => c,
         Err(e) => return fail(EXIT_USAGE as u8, &e),
     };
-    let vmm = match Vmm::build(&config, Box::new(std::io::stdout())) {
+    let profile = args.profile.then(|| BootProfile::new(started));
+    let out = Box::new(std::io::stdout());
+    let built = match &profile {
+        Some(p) => Vmm::build_profiled(&config, out, p),
+        None => Vmm::build(&config, out),
+    };
+    let vmm = match built {
         Ok(v) => v,
         Err(e) if e.is_input_error() => return fail(EXIT_USAGE as u8, &e),
         Err(e) => return fail(EXIT_VMM_ERROR, &e),
@@ -37,6 +45,9 @@ fn boot(args: &vmm_reference::cli::BootArgs) -> ExitCode {
     }
     let outcome = vmm.run();
     drop(terminal);
+    if let Some(p) = profile {
+        eprint!("\nvmm-reference: {p}");
+    }
     match outcome {
         Ok(outcome) => {
             eprintln!("\nvmm-reference: {outcome}");
@@ -47,10 +58,11 @@ fn boot(args: &vmm_reference::cli::BootArgs) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    let started = Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     match &cli.command {
-        CliCommand::Boot(args) => boot(args),
+        CliCommand::Boot(args) => boot(args, started),
         CliCommand::Probe { json } => match probe::probe() {
             Ok(report) if *json => match serde_json::to_string_pretty(&report) {
                 Ok(s) => {

@@ -338,7 +338,10 @@ VmFlags: rd wr mr mw me gd ac
 
     #[test]
     fn smaps_split_between_guest_and_vmm() {
-        let guest = [0x7f00_0000_0000..0x7f00_1000_0000];
+        let guest = vec![Range {
+            start: 0x7f00_0000_0000,
+            end: 0x7f00_1000_0000,
+        }];
         let status = "Name:\tvmm-reference\nVmHWM:\t   90000 kB\nVmRSS:\t   83000 kB\n";
         let m = MemorySplit::from_smaps(SMAPS, &guest, status);
         assert_eq!(m.guest_rss_kib, 81920);
@@ -393,7 +396,8 @@ VmFlags: rd wr mr mw me gd ac
         );
         *slot.lock().unwrap() = Some(exits);
         p.vcpu_slot(); // a vCPU that never published
-        let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
+        let mem =
+            crate::memory::create_guest_memory(16 << 20, crate::memory::HugePages::Off).unwrap();
         p.finish(Some(Instant::now()), &mem);
         let text = p.to_string();
         for needle in [

@@ -1,6 +1,12 @@
 //! Raw constants of the x86 platform, the Linux boot protocol, the MP and ACPI specifications,
 //! and the KVM API that this VMM uses. Nowhere else in the crate should a magic number appear.
 
+use std::mem::size_of;
+use std::os::raw::c_ulong;
+
+use kvm_bindings::{kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events};
+use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
+
 // ---- Guest physical memory layout (this VMM's choice, inside the PC's fixed holes) ----
 
 /// The end of conventional memory below the EBDA; e820 RAM runs from 0 to here.
@@ -230,3 +236,70 @@ pub const MAX_VCPUS: u8 = 32;
 /// Address of the three-page TSS region VMX needs (`KVM_SET_TSS_ADDR`), just below the BIOS
 /// area at the top of the 32-bit space, as QEMU and Firecracker place it.
 pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+// ---- seccomp ----
+
+/// The KVM ioctls a vCPU thread makes once its guest runs, which its seccomp filter lets
+/// through: `KVM_RUN`, and the register sets sync-regs reads and writes with an ioctl where
+/// `kvm_run` does not carry them (and the MP state it asks before the first staged write).
+/// Numbered as in `include/uapi/linux/kvm.h`; kvm-ioctls declares the same privately.
+pub const VCPU_THREAD_IOCTLS: [(&str, c_ulong); 8] = [
+    ("KVM_RUN", ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0)),
+    (
+        "KVM_GET_REGS",
+        ioctl_expr(_IOC_READ, KVMIO, 0x81, size_of::<kvm_regs>() as u32),
+    ),
+    (
+        "KVM_SET_REGS",
+        ioctl_expr(_IOC_WRITE, KVMIO, 0x82, size_of::<kvm_regs>() as u32),
+    ),
+    (
+        "KVM_GET_SREGS",
+        ioctl_expr(_IOC_READ, KVMIO, 0x83, size_of::<kvm_sregs>() as u32),
+    ),
+    (
+        "KVM_SET_SREGS",
+        ioctl_expr(_IOC_WRITE, KVMIO, 0x84, size_of::<kvm_sregs>() as u32),
+    ),
+    (
+        "KVM_GET_MP_STATE",
+        ioctl_expr(_IOC_READ, KVMIO, 0x98, size_of::<kvm_mp_state>() as u32),
+    ),
+    (
+        "KVM_GET_VCPU_EVENTS",
+        ioctl_expr(_IOC_READ, KVMIO, 0x9f, size_of::<kvm_vcpu_events>() as u32),
+    ),
+    (
+        "KVM_SET_VCPU_EVENTS",
+        ioctl_expr(_IOC_WRITE, KVMIO, 0xa0, size_of::<kvm_vcpu_events>() as u32),
+    ),
+];
+
+/// `KVMIO`, the ioctl type of every KVM ioctl (`include/uapi/linux/kvm.h`).
+pub const KVMIO: u32 = 0xAE;
+
+/// The head of a `siginfo_t` for `SIGSYS` on x86_64: the three ints and padding of
+/// `__SIGINFO`, then the `_sigsys` member of the union (`include/uapi/asm-generic/siginfo.h`,
+/// Linux 3.5), which a `SECCOMP_RET_TRAP` fills with the syscall that was refused.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct SigsysInfo {
+    /// `si_signo`.
+    pub signo: i32,
+    /// `si_errno`: the `SECCOMP_RET_DATA` of the filter's verdict.
+    pub errno: i32,
+    /// `si_code`: `SYS_SECCOMP` (1).
+    pub code: i32,
+    /// Alignment of the union to 8 bytes.
+    pub pad: i32,
+    /// `si_call_addr`: the instruction after the syscall.
+    pub call_addr: usize,
+    /// `si_syscall`: the syscall number.
+    pub syscall: i32,
+    /// `si_arch`: `AUDIT_ARCH_X86_64` for a 64-bit syscall.
+    pub arch: u32,
+}
+
+/// The exit status of the VMM when a thread made a syscall its seccomp filter forbids: that
+/// of every other VMM failure.
+pub const EXIT_SECCOMP_VIOLATION: i32 = 4;

@@ -8,11 +8,15 @@
 //! vCPUs and returns through `main`; [`RawTerminal`] restores the saved mode when dropped, so
 //! every such exit path (return, error, unwinding panic) leaves the terminal as it was.
 //! SIGKILL cannot be caught, and a fault of the VMM itself (SIGSEGV, SIGBUS, SIGILL, SIGFPE,
-//! SIGABRT) is not turned into a stop: after those the terminal stays raw (`stty sane`).
+//! SIGABRT) is not turned into a stop: after those the terminal stays raw (`stty sane`). The
+//! one fatal signal the VMM handles itself, the `SIGSYS` of a seccomp violation
+//! ([`crate::seccomp`]), restores the terminal through [`restore_before_fatal_exit`].
 
+use std::cell::UnsafeCell;
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 
 /// The signal that asked the VMM to stop, or 0.
 static TERMINATION_SIGNAL: AtomicI32 = AtomicI32::new(0);
@@ -83,6 +87,79 @@ pub enum Error {
 /// Result of this module.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The saved mode of the terminal in raw mode, for a signal handler that ends the process:
+/// it cannot take a lock or reach the [`RawTerminal`], so the mode is copied here when raw
+/// mode is entered, and published by `state`.
+struct FatalRestore {
+    /// [`RESTORE_EMPTY`], [`RESTORE_WRITING`] or [`RESTORE_ARMED`].
+    state: AtomicU8,
+    fd: AtomicI32,
+    saved: UnsafeCell<MaybeUninit<libc::termios>>,
+}
+
+const RESTORE_EMPTY: u8 = 0;
+const RESTORE_WRITING: u8 = 1;
+const RESTORE_ARMED: u8 = 2;
+
+// SAFETY: `saved` is written only by the thread that moved `state` from empty to writing,
+// and read only after `state` was seen armed (release/acquire); it is never written while
+// armed.
+unsafe impl Sync for FatalRestore {}
+
+static FATAL_RESTORE: FatalRestore = FatalRestore {
+    state: AtomicU8::new(RESTORE_EMPTY),
+    fd: AtomicI32::new(-1),
+    saved: UnsafeCell::new(MaybeUninit::uninit()),
+};
+
+impl FatalRestore {
+    /// Keeps `saved` for [`restore_before_fatal_exit`], unless another terminal holds the
+    /// place.
+    fn arm(&self, fd: RawFd, saved: &libc::termios) {
+        if self
+            .state
+            .compare_exchange(
+                RESTORE_EMPTY,
+                RESTORE_WRITING,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            // SAFETY: the compare-exchange above gave this thread the only right to write.
+            unsafe { (*self.saved.get()).write(*saved) };
+            self.fd.store(fd, Ordering::Relaxed);
+            self.state.store(RESTORE_ARMED, Ordering::Release);
+        }
+    }
+
+    /// Forgets the mode of `fd` (restored by its guard).
+    fn disarm(&self, fd: RawFd) {
+        if self.fd.load(Ordering::Relaxed) == fd {
+            let _ = self.state.compare_exchange(
+                RESTORE_ARMED,
+                RESTORE_EMPTY,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+/// Puts the terminal that a [`RawTerminal`] made raw back in its saved mode, for a signal
+/// handler about to end the process. Async-signal-safe: atomics and one `tcsetattr` (an
+/// `ioctl(TCSETS)`, listed as async-signal-safe in signal-safety(7)). Does nothing when no
+/// terminal is in raw mode.
+pub fn restore_before_fatal_exit() {
+    if FATAL_RESTORE.state.load(Ordering::Acquire) == RESTORE_ARMED {
+        let fd = FATAL_RESTORE.fd.load(Ordering::Relaxed);
+        // SAFETY: armed means the mode was written completely (release store after the
+        // write); it is not written again until the state goes back to empty. tcsetattr only
+        // reads it.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, (*FATAL_RESTORE.saved.get()).as_ptr()) };
+    }
+}
+
 /// A terminal in raw mode until dropped.
 #[derive(Debug)]
 pub struct RawTerminal {
@@ -140,6 +217,7 @@ impl RawTerminal {
         }
         let saved = get_attr(fd)?;
         set_attr(fd, &raw_mode(&saved))?;
+        FATAL_RESTORE.arm(fd, &saved);
         Ok(Some(RawTerminal {
             fd,
             saved,
@@ -150,6 +228,7 @@ impl RawTerminal {
     /// Restores the saved mode now.
     pub fn restore(&mut self) -> Result<()> {
         if !self.restored {
+            FATAL_RESTORE.disarm(self.fd);
             set_attr(self.fd, &self.saved)?;
             self.restored = true;
         }

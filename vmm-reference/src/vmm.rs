@@ -49,9 +49,12 @@ use crate::devices::i8042::I8042;
 use crate::devices::power::AcpiSleepRegisters;
 use crate::devices::pvpanic::PvPanic;
 use crate::devices::rtc::CmosRtc;
-use crate::devices::serial::{ConsoleOut, ConsoleOutput, SerialConsole};
+use crate::devices::serial::{self, ConsoleOut, ConsoleOutput, SerialConsole};
 use crate::devices::{GuestEnd, GuestRequest};
+use crate::memory::HugePages;
+use crate::profile::BootProfile;
 use crate::regs::{self, EntryPoint};
+use crate::seccomp::{self, ThreadKind};
 use crate::sys::{
     ACPI_PORTS, ACPI_SLEEP_CONTROL_PORT, APIC_LVT0, APIC_LVT1, APIC_MODE_EXTINT, APIC_MODE_NMI,
     CMOS_PORT, CMOS_PORTS, COM1_GSI, COM1_PORT, CPUID_1_ECX_VMX, I8042_PORT, I8042_PORTS,
@@ -61,6 +64,8 @@ use crate::{boot, memory, terminal};
 
 /// How often the main thread looks for a device request or a signal while the VM runs.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// How long a vCPU thread may take to install its seccomp filter.
+const CONFINE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long stopping the vCPUs may take.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long after announcing an orderly shutdown (ACPI `\_TTS`) a guest may take to power
@@ -180,10 +185,28 @@ pub enum Error {
     Runner(#[source] vcpu_runner::vm::Error),
     /// The console output thread could not start.
     #[error("cannot start the console output thread")]
-    ConsoleOutput(#[source] io::Error),
+    ConsoleOutput(#[source] serial::Error),
     /// The console input thread could not start.
     #[error("cannot start the console input thread")]
-    ConsoleInput(#[source] io::Error),
+    ConsoleInput(#[source] serial::Error),
+    /// A thread could not install its seccomp filter.
+    #[error("cannot confine thread '{thread}' with its seccomp filter")]
+    Seccomp {
+        /// The thread's name.
+        thread: String,
+        /// Why.
+        #[source]
+        source: seccomp::Error,
+    },
+    /// A vCPU thread did not run the closure that confines it.
+    #[error("cannot reach the thread of vCPU {vcpu} to confine it")]
+    ConfineVcpu {
+        /// The vCPU.
+        vcpu: u32,
+        /// Why.
+        #[source]
+        source: vcpu_runner::vcpu::Error,
+    },
     /// Signal handlers.
     #[error("cannot set up signal handling")]
     Signals(#[source] terminal::Error),
@@ -309,8 +332,12 @@ impl std::fmt::Display for RunOutcome {
 pub struct Vmm {
     runner: VmRunner,
     devices: Devices,
-    // Kept alive for the VM's lifetime: guest memory and the VM.
-    _memory: GuestMemoryMmap,
+    /// Confine every thread with its seccomp filter ([`crate::seccomp`]).
+    seccomp: bool,
+    /// Guest memory, mapped for the VM's lifetime.
+    memory: GuestMemoryMmap,
+    profile: Option<BootProfile>,
+    // Kept alive for the VM's lifetime.
     _vm: TypedVm,
 }
 
@@ -348,21 +375,66 @@ impl Vmm {
     /// [`Error`] naming the step that failed; [`Error::is_input_error`] tells the user's
     /// input from a KVM or VMM failure.
     pub fn build(cfg: &ValidConfig, out: ConsoleOut) -> Result<Self> {
+        Self::build_inner(cfg, out, None)
+    }
+
+    /// [`Vmm::build`], collecting a boot profile into `profile`: the time each step ended here,
+    /// each vCPU's exits (vcpu-runner's exit profile), and, when [`Vmm::run`] ends, the first
+    /// console byte and the memory split. Print `profile` after the run.
+    ///
+    /// # Errors
+    ///
+    /// As [`Vmm::build`].
+    pub fn build_profiled(
+        cfg: &ValidConfig,
+        out: ConsoleOut,
+        profile: &BootProfile,
+    ) -> Result<Self> {
+        Self::build_inner(cfg, out, Some(profile))
+    }
+
+    fn build_inner(
+        cfg: &ValidConfig,
+        out: ConsoleOut,
+        profile: Option<&BootProfile>,
+    ) -> Result<Self> {
+        let step = |name| {
+            if let Some(p) = profile {
+                p.step_done(name);
+            }
+        };
         let c = cfg.config();
         let kvm = open_kvm(c.vcpus)?;
         let permission = xstate_permission(&SystemHost::new(&kvm), c.amx)?;
+        step("open_kvm, xstate permission");
         let vm = create_vm(&kvm)?;
-        let mem = create_memory(&vm, cfg.mem_bytes())?;
+        step("create_vm");
+        let mem = create_memory(&vm, cfg.mem_bytes(), c.huge_pages)?;
+        step("create_memory");
         create_interrupt_controllers(&vm)?;
+        step("interrupt controllers");
         let kernel = boot::load_kernel(&mem, cfg)?;
+        step("load_kernel, initramfs");
         let entry = boot::write_platform_tables(&mem, cfg, &kernel)?;
-        let devices = Devices::attach(&vm, out)?;
-        let vcpus = create_vcpus(&kvm, &vm, &permission, cfg, entry, &devices.buses)?;
+        step("platform tables");
+        let devices = Devices::attach(&vm, out, c.seccomp)?;
+        step("devices");
+        let mut vcpus = create_vcpus(&kvm, &vm, &permission, cfg, entry, &devices.buses)?;
+        if let Some(p) = profile {
+            vcpus = vcpus
+                .into_iter()
+                .map(|v| v.with_profile(p.vcpu_slot()))
+                .collect();
+        }
+        step("create_vcpus");
         let runner = VmRunner::spawn(vcpus).map_err(Error::Runner)?;
+        step("vCPU threads");
         Ok(Vmm {
             runner,
             devices,
-            _memory: mem,
+            seccomp: c.seccomp,
+            memory: mem,
+            profile: profile.cloned(),
             _vm: vm,
         })
     }
@@ -407,8 +479,8 @@ fn create_vm(kvm: &Kvm) -> Result<TypedVm> {
 
 /// Guest memory for `bytes` of RAM (the 32-bit MMIO gap left out), one KVM memory slot per
 /// region.
-fn create_memory(vm: &TypedVm, bytes: u64) -> Result<GuestMemoryMmap> {
-    let mem = memory::create_guest_memory(bytes)?;
+fn create_memory(vm: &TypedVm, bytes: u64, huge_pages: HugePages) -> Result<GuestMemoryMmap> {
+    let mem = memory::create_guest_memory(bytes, huge_pages)?;
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         let region_desc = kvm_userspace_memory_region {
@@ -455,15 +527,16 @@ struct Devices {
 impl Devices {
     /// Puts every device at its legacy ISA port (fixed by the PC platform, or named in this
     /// VMM's ACPI tables): COM1 with its interrupt eventfd bound to GSI 4 through irqfd and
-    /// its output going to `out`, the i8042, the CMOS RTC, the ACPI sleep/reset/notice
-    /// registers and pvpanic.
-    fn attach(vm: &TypedVm, out: ConsoleOut) -> Result<Self> {
+    /// its output going to `out` (from a thread confined by seccomp when `confine` is set),
+    /// the i8042, the CMOS RTC, the ACPI sleep/reset/notice registers and pvpanic.
+    fn attach(vm: &TypedVm, out: ConsoleOut, confine: bool) -> Result<Self> {
         let end = Arc::new(GuestEnd::new());
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm.fd()
             .register_irqfd(&serial_irq, COM1_GSI)
             .map_err(vm_ioctl("KVM_IRQFD"))?;
-        let (console, console_writer) = ConsoleOutput::spawn(out).map_err(Error::ConsoleOutput)?;
+        let (console, console_writer) =
+            ConsoleOutput::spawn(out, confine).map_err(Error::ConsoleOutput)?;
         let serial = Arc::new(Mutex::new(SerialConsole::new(
             serial_irq.try_clone().map_err(Error::EventFd)?,
             Box::new(console_writer),
@@ -633,11 +706,45 @@ fn set_lint(index: u32, vcpu: &GuardedVcpu) -> Result<()> {
 }
 
 impl Vmm {
-    /// Starts feeding `input` to the guest's serial port.
+    /// Starts feeding `input` to the guest's serial port. With seccomp on (the default) the
+    /// input thread may read only stdin, so `input` must read from it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ConsoleInput`]: the thread could not be spawned or confined.
     pub fn forward_console_input<R: io::Read + Send + 'static>(&self, input: R) -> Result<()> {
-        crate::devices::serial::forward_input(self.devices.serial.clone(), input)
+        serial::forward_input(self.devices.serial.clone(), input, self.seccomp)
             .map(drop)
             .map_err(Error::ConsoleInput)
+    }
+
+    /// Confines every vCPU thread (through a closure it runs before its guest starts) and
+    /// then the calling thread with their seccomp filters; the console threads confined
+    /// themselves when they started. A profiled run's main thread reads files when the run
+    /// ends, and gets the filter that allows it.
+    fn confine_threads(&self) -> Result<()> {
+        for handle in self.runner.handles() {
+            let vcpu = handle.index();
+            handle
+                .run_on_vcpu(
+                    |_| seccomp::confine_current_thread(ThreadKind::Vcpu),
+                    CONFINE_TIMEOUT,
+                )
+                .map_err(|source| Error::ConfineVcpu { vcpu, source })?
+                .map_err(|source| Error::Seccomp {
+                    thread: format!("vcpu{vcpu}"),
+                    source,
+                })?;
+        }
+        let main = if self.profile.is_some() {
+            ThreadKind::ProfilingMain
+        } else {
+            ThreadKind::Main
+        };
+        seccomp::confine_current_thread(main).map_err(|source| Error::Seccomp {
+            thread: std::thread::current().name().unwrap_or("main").to_owned(),
+            source,
+        })
     }
 
     /// Runs the guest until it ends, a vCPU fails, or a terminating signal arrives. After a
@@ -645,6 +752,9 @@ impl Vmm {
     /// meanwhile); after a signal it is not waited for.
     pub fn run(self) -> Result<RunOutcome> {
         terminal::install_termination_handlers().map_err(Error::Signals)?;
+        if self.seccomp {
+            self.confine_threads()?;
+        }
         self.runner.start().map_err(Error::Runner)?;
         let mut halted = false;
         let signal = loop {
@@ -674,6 +784,9 @@ impl Vmm {
             self.devices
                 .console
                 .drain(POLL_INTERVAL, || terminal::termination_signal().is_some());
+        }
+        if let Some(profile) = &self.profile {
+            profile.finish(self.devices.console.first_byte(), &self.memory);
         }
         // A device request came first: the guest's fallbacks after it (another reset
         // method, a triple fault) do not change what it asked for.

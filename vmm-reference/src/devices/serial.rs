@@ -16,14 +16,16 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vcpu_runner::BusDevice;
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::seccomp::{self, ThreadKind};
 
 /// How long the input thread waits for the guest to drain a full receive FIFO.
 const FIFO_FULL_BACKOFF: Duration = Duration::from_millis(5);
@@ -37,6 +39,71 @@ const IER_RDI: u8 = 0x01;
 const LCR_DLAB: u8 = 0x80;
 const MCR_OUT2: u8 = 0x08;
 const MCR_LOOP: u8 = 0x10;
+
+/// Errors of starting a console thread.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The thread could not be spawned.
+    #[error("cannot spawn thread '{thread}'")]
+    Spawn {
+        /// The thread's name.
+        thread: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The thread could not confine itself with its seccomp filter.
+    #[error("thread '{thread}' cannot confine itself")]
+    Seccomp {
+        /// The thread's name.
+        thread: &'static str,
+        /// Why.
+        #[source]
+        source: seccomp::Error,
+    },
+}
+
+/// Spawns thread `name` running `body`; with `confine`, the thread first installs the seccomp
+/// filter of `kind` ([`seccomp::confine_current_thread`]) and `body` runs under it. Returns
+/// once the thread is confined (or has failed to be).
+fn spawn_console_thread(
+    name: &'static str,
+    kind: ThreadKind,
+    confine: bool,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>, Error> {
+    let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+    let handle = thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let confined = if confine {
+                seccomp::confine_current_thread(kind)
+            } else {
+                Ok(())
+            };
+            let failed = confined.is_err();
+            let _ = ready_tx.send(confined);
+            if !failed {
+                body();
+            }
+        })
+        .map_err(|source| Error::Spawn {
+            thread: name,
+            source,
+        })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(source)) => Err(Error::Seccomp {
+            thread: name,
+            source,
+        }),
+        // The thread ended without a word: only a panic does that.
+        Err(_) => Err(Error::Spawn {
+            thread: name,
+            source: io::Error::other("the thread panicked while starting"),
+        }),
+    }
+}
 
 /// Raises the UART's interrupt by signalling an eventfd bound to a GSI with irqfd.
 #[derive(Debug)]
@@ -91,6 +158,8 @@ struct OutputShared {
     data: Condvar,
     /// Signalled when room is made or output ends (vCPUs wait on it).
     room: Condvar,
+    /// When the guest wrote its first byte.
+    first_byte: OnceLock<Instant>,
 }
 
 impl OutputShared {
@@ -109,6 +178,9 @@ pub struct QueuedWriter(Arc<OutputShared>);
 
 impl Write for QueuedWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.0.first_byte.get().is_none() && !buf.is_empty() {
+            let _ = self.0.first_byte.set(Instant::now());
+        }
         let mut st = self.0.lock();
         loop {
             if st.closed {
@@ -129,17 +201,21 @@ impl Write for QueuedWriter {
 }
 
 impl ConsoleOutput {
-    /// Starts the writer thread for `out`; the returned writer is what the UART writes to.
+    /// Starts the writer thread `console-out` for `out`; the returned writer is what the
+    /// UART writes to. With `confine`, the thread runs under the console-output seccomp
+    /// filter, which lets it write only to stdout and stderr: `out` must be one of those.
     ///
     /// # Errors
     ///
-    /// The thread could not be spawned.
-    pub fn spawn(mut out: ConsoleOut) -> io::Result<(Self, QueuedWriter)> {
+    /// [`Error::Spawn`], or [`Error::Seccomp`] when the thread cannot install its filter.
+    pub fn spawn(mut out: ConsoleOut, confine: bool) -> Result<(Self, QueuedWriter), Error> {
         let shared = Arc::new(OutputShared::default());
         let thread_shared = shared.clone();
-        thread::Builder::new()
-            .name("console-out".into())
-            .spawn(move || {
+        spawn_console_thread(
+            "console-out",
+            ThreadKind::ConsoleOutput,
+            confine,
+            move || {
                 let shared = thread_shared;
                 loop {
                     let bytes: Vec<u8> = {
@@ -165,8 +241,14 @@ impl ConsoleOutput {
                         return;
                     }
                 }
-            })?;
+            },
+        )?;
         Ok((ConsoleOutput(shared.clone()), QueuedWriter(shared)))
+    }
+
+    /// When the guest wrote its first console byte, if it did.
+    pub fn first_byte(&self) -> Option<Instant> {
+        self.0.first_byte.get().copied()
     }
 
     /// Lets every pending and later write through without waiting for room, so that no vCPU
@@ -274,15 +356,24 @@ impl BusDevice for SerialConsole {
     }
 }
 
-/// Feeds `input` to the UART's receive FIFO on a thread of its own, waiting while the FIFO is
-/// full. Ends at end of input or on a read error.
+/// Feeds `input` to the UART's receive FIFO on a thread of its own, `serial-input`, waiting
+/// while the FIFO is full. Ends at end of input or on a read error. With `confine`, the thread
+/// runs under the console-input seccomp filter, which lets it read only stdin: `input` must
+/// read from it.
+///
+/// # Errors
+///
+/// [`Error::Spawn`], or [`Error::Seccomp`] when the thread cannot install its filter.
 pub fn forward_input<R: Read + Send + 'static>(
     serial: Arc<Mutex<SerialConsole>>,
     mut input: R,
-) -> io::Result<JoinHandle<()>> {
-    thread::Builder::new()
-        .name("serial-input".into())
-        .spawn(move || {
+    confine: bool,
+) -> Result<JoinHandle<()>, Error> {
+    spawn_console_thread(
+        "serial-input",
+        ThreadKind::ConsoleInput,
+        confine,
+        move || {
             let mut buf = [0u8; 64];
             loop {
                 let n = match input.read(&mut buf) {
@@ -306,7 +397,8 @@ pub fn forward_input<R: Read + Send + 'static>(
                     }
                 }
             }
-        })
+        },
+    )
 }
 
 #[cfg(test)]
@@ -347,7 +439,7 @@ mod tests {
         assert_eq!(&*out.0.lock().unwrap(), b"hi");
         let input: &'static [u8] = &[b'x'; 100]; // more than the 64-byte FIFO
         serial.lock().unwrap().write(IER, &[0]); // the guest stops listening
-        let t = forward_input(serial.clone(), input).unwrap();
+        let t = forward_input(serial.clone(), input, false).unwrap();
         thread::sleep(Duration::from_millis(30));
         let mut lsr = [0u8];
         serial.lock().unwrap().read(LSR, &mut lsr);
@@ -437,7 +529,7 @@ mod output_tests {
     #[test]
     fn blocked_console_holds_the_guest_until_stop_and_drain_gives_up() {
         let (g, open, _got) = gate();
-        let (out, mut w) = ConsoleOutput::spawn(Box::new(g)).unwrap();
+        let (out, mut w) = ConsoleOutput::spawn(Box::new(g), false).unwrap();
         let writer = thread::spawn(move || {
             for _ in 0..4 {
                 w.write_all(&[b'x'; OUTPUT_QUEUE_BYTES]).unwrap();
@@ -459,7 +551,7 @@ mod output_tests {
     #[test]
     fn everything_arrives_then_drain_returns() {
         let (g, open, got) = gate();
-        let (out, mut w) = ConsoleOutput::spawn(Box::new(g)).unwrap();
+        let (out, mut w) = ConsoleOutput::spawn(Box::new(g), false).unwrap();
         w.write_all(b"hello ").unwrap();
         w.write_all(b"world").unwrap();
         release(&open, true);
@@ -470,7 +562,7 @@ mod output_tests {
     #[test]
     fn broken_pipe_discards_quietly() {
         let (g, open, got) = gate();
-        let (out, mut w) = ConsoleOutput::spawn(Box::new(g)).unwrap();
+        let (out, mut w) = ConsoleOutput::spawn(Box::new(g), false).unwrap();
         w.write_all(b"lost").unwrap();
         release(&open, false);
         assert!(out.drain(Duration::from_millis(5), || false));
