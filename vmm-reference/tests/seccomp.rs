@@ -19,9 +19,10 @@ use kvm_test_support::{harness, KvmTest, TestError, TestResult};
 use libtest_mimic::{Failed, Trial};
 use sync_regs::RegisterCache;
 use vcpu_runner::{BusDevice, Buses, NoMsrs, StopReason, Vcpu, VmRunner};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vm_types::VmType;
 use vmm_reference::devices::serial::{forward_input, ConsoleOutput, SerialConsole};
+use vmm_reference::profile::BootProfile;
 use vmm_reference::seccomp::{self, ThreadKind, EXIT_SECCOMP_VIOLATION};
 use vmm_reference::sys::{COM1_PORT, UART_REGISTERS};
 use vmm_reference::terminal::RawTerminal;
@@ -183,6 +184,21 @@ fn child(scenario: &str) {
             }
             eprintln!("\nvmm-reference: guest powered off");
             println!("main done");
+        }
+        // A profiled run's end on its main thread: the boot profile reads /proc/self/smaps
+        // and /proc/self/status, then is printed.
+        ["profiling-main"] => {
+            let profile = BootProfile::new(std::time::Instant::now());
+            let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)])
+                .expect("guest memory");
+            seccomp::confine_current_thread(ThreadKind::ProfilingMain).expect("confine");
+            profile.finish(None, &memory);
+            match profile.memory() {
+                Some(Ok(_)) => println!("memory split taken"),
+                Some(Err(e)) => panic!("{e}"),
+                None => panic!("no memory split"),
+            }
+            eprint!("{profile}");
         }
         ["vcpu-guest"] => vcpu_guest(),
         other => panic!("unknown scenario {other:?}"),
@@ -492,6 +508,17 @@ fn tests() -> Vec<Trial> {
                 return Err(
                     format!("terminal left with c_lflag {after:#x}, was {before:#x}").into(),
                 );
+            }
+            Ok(())
+        },
+    ));
+    trials.push(Trial::test(
+        "profiled_main_thread_reads_its_memory_figures_under_its_filter",
+        || {
+            let out = run_child("profiling-main", Stdio::null())?;
+            expect_success(&out)?;
+            if out.stdout != "memory split taken\n" {
+                return Err(format!("stdout {:?}, stderr {:?}", out.stdout, out.stderr).into());
             }
             Ok(())
         },
