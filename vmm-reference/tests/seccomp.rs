@@ -68,6 +68,8 @@ fn on_confined_thread(name: &str, kind: ThreadKind, body: impl FnOnce() + Send +
 
 /// What a child does; returns only where the scenario expects the child to live on.
 fn child(scenario: &str) {
+    // As the binary does: log lines go to stderr from whichever thread logs.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let parts: Vec<&str> = scenario.split(':').collect();
     match parts.as_slice() {
         // A thread of `kind` named `name` opens a socket: trapped.
@@ -178,6 +180,7 @@ fn child(scenario: &str) {
             drop(big);
             drop(irq);
             worker.join().expect("join");
+            log::warn!("a log line from the confined main thread");
             if let Some(mut t) = terminal {
                 t.restore().expect("restore the terminal");
                 println!("terminal restored");
@@ -486,7 +489,12 @@ fn tests() -> Vec<Trial> {
         || {
             let out = run_child("main", Stdio::null())?;
             expect_success(&out)?;
-            if out.stdout != "main done\n" || !out.stderr.contains("guest powered off") {
+            if out.stdout != "main done\n"
+                || !out.stderr.contains("guest powered off")
+                || !out
+                    .stderr
+                    .contains("a log line from the confined main thread")
+            {
                 return Err(format!("stdout {:?}, stderr {:?}", out.stdout, out.stderr).into());
             }
             Ok(())
