@@ -18,8 +18,9 @@
 //!
 //! Where the set of a thread is smaller than "whatever glibc and the Rust runtime do", the
 //! difference is in the arguments: `ioctl` only with the KVM vCPU ioctls the run loop makes
-//! ([`crate::sys::VCPU_THREAD_IOCTLS`]) or `TCSETS` on stdin, `mmap`/`mprotect` never with
-//! `PROT_EXEC`, `tgkill` only with vcpu-runner's kick signal, `read` only from stdin, and
+//! ([`crate::sys::VCPU_THREAD_IOCTLS`]) or `TCGETS`/`TCSETS` on stdin, `mmap`/`mprotect`
+//! never with `PROT_EXEC`, `tgkill` only with vcpu-runner's kick signal, `read` only from
+//! stdin (except a profiled main thread's reads of `/proc/self`, opened read-only), and
 //! `write` to stdout and stderr only on the threads that write nowhere else.
 //!
 //! ```
