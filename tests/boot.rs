@@ -367,41 +367,6 @@ fn bad_input_trials() -> Vec<Trial> {
     ]
 }
 
-/// The vmlinux inside a bzImage: the payload that `payload_offset`/`payload_length` name,
-/// decompressed with the tool its magic calls for (the kernel's extract-vmlinux approach).
-fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<(), String> {
-    let d = std::fs::read(bzimage).map_err(|e| e.to_string())?;
-    let setup = (if d[0x1f1] == 0 { 4 } else { d[0x1f1] as usize } + 1) * 512;
-    let off = u32::from_le_bytes(d[0x248..0x24c].try_into().unwrap()) as usize;
-    let len = u32::from_le_bytes(d[0x24c..0x250].try_into().unwrap()) as usize;
-    let payload = d
-        .get(setup + off..setup + off + len)
-        .ok_or("payload out of range")?;
-    let tool: &[&str] = match payload {
-        [0x02, 0x21, 0x4c, 0x18, ..] => &["lz4", "-dc"],
-        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => &["xz", "-dc"],
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => &["zstd", "-dc"],
-        [0x1f, 0x8b, ..] => &["gzip", "-dc"],
-        _ => {
-            return Err(format!(
-                "unknown payload compression {:02x?}",
-                &payload[..4]
-            ))
-        }
-    };
-    let compressed = out.with_extension("compressed");
-    std::fs::write(&compressed, payload).map_err(|e| e.to_string())?;
-    let output = Command::new(tool[0])
-        .args(&tool[1..])
-        .arg(&compressed)
-        .output()
-        .map_err(|e| format!("{}: {e}", tool[0]))?;
-    if output.stdout.get(..4) != Some(b"\x7fELF") {
-        return Err(format!("{} did not produce an ELF", tool[0]));
-    }
-    std::fs::write(out, output.stdout).map_err(|e| e.to_string())
-}
-
 /// What the nested run printed, split per scenario.
 struct NestedRun {
     log: String,
@@ -489,12 +454,24 @@ fn nested_run() -> Result<&'static NestedRun, Failed> {
     RUN.get_or_init(|| {
         let bin = vmm_bin().map_err(|e| format!("{e:?}"))?;
         let dir = scratch();
-        let kernel = Command::new(env!("CARGO"))
-            .args(["xtask", "nested-kernel"])
-            .current_dir(workspace())
-            .output()
-            .map_err(|e| e.to_string())?;
-        let kernel = PathBuf::from(String::from_utf8_lossy(&kernel.stdout).trim());
+        let cached_kernel = |args: &[&str]| -> Result<PathBuf, String> {
+            let out = Command::new(env!("CARGO"))
+                .args(["xtask", "nested-kernel"])
+                .args(args)
+                .current_dir(workspace())
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(format!(
+                    "cargo xtask nested-kernel {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        };
+        let kernel = cached_kernel(&[])?;
+        // The same kernel's ELF vmlinux, extracted from the bzImage by xtask (for the PVH run).
+        let vmlinux = cached_kernel(&["--vmlinux"])?;
         let initramfs = dir.join("initramfs.cpio");
         let st = Command::new(env!("CARGO"))
             .args(["xtask", "guest-initramfs", "--out"])
@@ -505,8 +482,6 @@ fn nested_run() -> Result<&'static NestedRun, Failed> {
         if !st.success() {
             return Err("building the initramfs failed".into());
         }
-        let vmlinux = dir.join("vmlinux");
-        extract_vmlinux(&kernel, &vmlinux)?;
         let script = dir.join("e2e.sh");
         std::fs::write(&script, SCRIPT).map_err(|e| e.to_string())?;
         let file = |src: &Path, dest: &str| format!("{}:{dest}", src.display());

@@ -60,6 +60,8 @@ pub enum Task {
     /// the VMM's last line (`guest powered off`, `guest requested reset`, `guest reset
     /// without an orderly shutdown`) all match. The summary counts passes, failures and
     /// test-host freezes per combination. Exits non-zero if any boot or test run failed.
+    ///
+    /// 100 guest boots and no test binaries: `cargo xtask nested-soak --boots 100 --test-runs 0`.
     NestedSoak(SoakArgs),
     /// Write the reference VMM's default guest initramfs (busybox, `/init` with the marker).
     GuestInitramfs {
@@ -169,6 +171,10 @@ pub struct DemoArgs {
     /// Boot inside the nested test host even where the host could run the guest directly.
     #[arg(long)]
     pub nested: bool,
+    /// Boot the kernel's bzImage (64-bit boot protocol) instead of its ELF vmlinux through
+    /// the PVH entry, the faster path (no decompression in the guest).
+    #[arg(long)]
+    pub bzimage: bool,
 }
 
 /// Options of `cargo xtask nested-soak`.

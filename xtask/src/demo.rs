@@ -26,6 +26,9 @@ pub enum Error {
     /// The kernel could not be fetched.
     #[error(transparent)]
     Kernel(#[from] debian::Error),
+    /// The ELF vmlinux could not be extracted from the bzImage.
+    #[error("cannot extract the ELF vmlinux for the PVH boot (`--bzimage` boots the bzImage)")]
+    Vmlinux(#[from] crate::vmlinux::Error),
     /// The guest initramfs could not be built.
     #[error(transparent)]
     Guest(#[from] guest::Error),
@@ -89,7 +92,15 @@ pub fn boot_args(kernel: &str, initramfs: &str, vcpus: u32, end: &str) -> Vec<St
 /// Runs the demo; returns the exit status to end with (the VMM's).
 pub fn run(workspace: &Path, cache_dir: &Path, args: &DemoArgs) -> Result<u8> {
     setup::ensure()?;
-    let kernel = debian::KernelCache::new(cache_dir).get_or_fetch()?;
+    let tree = debian::KernelCache::new(cache_dir).get_or_fetch()?;
+    let (kernel, guest_kernel) = if args.bzimage {
+        (tree.vmlinuz.clone(), "/data/bzImage")
+    } else {
+        (
+            crate::vmlinux::cached(&tree.vmlinuz, &tree.release)?,
+            "/data/vmlinux",
+        )
+    };
     let initramfs = guest::cached_initramfs(cache_dir, Path::new(l1::BUSYBOX))?;
     println!("demo: building vmm-reference (release)");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -110,7 +121,7 @@ pub fn run(workspace: &Path, cache_dir: &Path, args: &DemoArgs) -> Result<u8> {
         println!("demo: this host has hardware virtualization; booting directly");
         let mut command = Command::new(&vmm);
         command.args(boot_args(
-            &kernel.vmlinuz.to_string_lossy(),
+            &kernel.to_string_lossy(),
             &initramfs.to_string_lossy(),
             args.vcpus,
             &args.end,
@@ -128,12 +139,12 @@ pub fn run(workspace: &Path, cache_dir: &Path, args: &DemoArgs) -> Result<u8> {
     let mut image = L1Image::new(cache_dir)?;
     image.add_files_at([
         (vmm, "/bin/vmm-reference"),
-        (kernel.vmlinuz.clone(), "/data/bzImage"),
+        (kernel, guest_kernel),
         (initramfs, "/data/initramfs.cpio"),
     ])?;
     let mut argv = vec!["/bin/vmm-reference".to_owned()];
     argv.extend(boot_args(
-        "/data/bzImage",
+        guest_kernel,
         "/data/initramfs.cpio",
         args.vcpus,
         &args.end,
