@@ -232,8 +232,10 @@ pub struct ValidConfig {
 /// size again for its unpacked copy (exact for an uncompressed cpio), and
 /// [`RUNTIME_MARGIN_MIB`].
 pub fn required_mem_bytes(kernel_mem_end: u64, initramfs_size: u64) -> u64 {
+    // A header can claim an end within a page of u64::MAX: round up without overflowing.
     kernel_mem_end
-        .next_multiple_of(4096)
+        .checked_next_multiple_of(4096)
+        .unwrap_or(u64::MAX)
         .saturating_add(initramfs_size.saturating_mul(2))
         .saturating_add(RUNTIME_MARGIN_MIB << 20)
 }
@@ -408,6 +410,20 @@ impl VmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn required_memory_never_overflows() {
+        // Found by the kernel_image fuzz target: a header whose end is within a page of the
+        // top of the address space.
+        for end in [u64::MAX, u64::MAX - 1, u64::MAX - 4095, u64::MAX - 4096] {
+            assert_eq!(required_mem_bytes(end, 0), u64::MAX, "{end:#x}");
+            assert_eq!(required_mem_bytes(end, u64::MAX), u64::MAX, "{end:#x}");
+        }
+        assert_eq!(
+            required_mem_bytes(0x100_0001, 10),
+            0x100_1000 + 20 + (RUNTIME_MARGIN_MIB << 20)
+        );
+    }
     use proptest::prelude::*;
 
     fn config(vcpus: u32, mem_mib: u64) -> VmConfig {
