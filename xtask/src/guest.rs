@@ -28,13 +28,15 @@ marker="VMM-REFERENCE-BOOT-OK cpus=$cpus uptime=$(cut -d' ' -f1 /proc/uptime)"
 # out even if a power-off follows before the tty has drained.
 echo "<2>$marker" > /dev/kmsg
 echo "$marker"
+# Each ending first gives the tty a second to send its line; the kernel output of a panic
+# would otherwise cut into it.
 end=poweroff
 for arg in $(cat /proc/cmdline); do
   case "$arg" in vmmref.end=*) end="${arg#vmmref.end=}" ;; esac
 done
 case "$end" in
   reboot) echo "init: rebooting"; sleep 1; reboot -f ;;
-  panic) echo "init: panicking"; echo c > /proc/sysrq-trigger ;;
+  panic) echo "init: panicking"; sleep 1; echo c > /proc/sysrq-trigger ;;
   halt) echo "init: halting"; sleep 1; halt -f ;;
   shell) echo "init: starting a shell; 'poweroff -f' ends the VM"; setsid cttyhack sh; poweroff -f ;;
   *) echo "init: powering off"; sleep 1; poweroff -f ;;
