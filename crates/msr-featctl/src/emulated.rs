@@ -225,11 +225,15 @@ impl FilterRange {
         index >= self.base && u64::from(index) < u64::from(self.base) + u64::from(self.msr_count)
     }
 
-    /// Whether this range lets `index` be accessed (`None`: not in the range).
+    /// Whether this range lets `index` be accessed (`None`: not in the range). A bitmap
+    /// shorter than `msr_count` bits (which [`MsrFilter::validate`] refuses) reads as zeros
+    /// past its end: those MSRs are denied.
     pub fn allows(&self, index: u32) -> Option<bool> {
         self.contains(index).then(|| {
             let bit = (index - self.base) as usize;
-            self.bitmap[bit / 8] & (1 << (bit % 8)) != 0
+            self.bitmap
+                .get(bit / 8)
+                .is_some_and(|byte| byte & (1 << (bit % 8)) != 0)
         })
     }
 
@@ -588,6 +592,21 @@ mod tests {
     use crate::feature_control::GpReason;
     use kvm_ioctls::{ReadMsrExit, WriteMsrExit};
     use proptest::prelude::*;
+
+    #[test]
+    fn short_bitmap_denies_past_its_end_instead_of_panicking() {
+        // Found by the msr_filter fuzz target: `allows` indexed past a short public bitmap.
+        let range = FilterRange {
+            base: 0x100,
+            msr_count: 64,
+            flags: MsrFilterRangeFlags::READ,
+            bitmap: vec![0xff],
+        };
+        assert_eq!(range.allows(0x107), Some(true));
+        assert_eq!(range.allows(0x108), Some(false));
+        assert_eq!(range.allows(0x13f), Some(false));
+        assert_eq!(range.allows(0x140), None);
+    }
 
     fn vmx() -> GuestCpuidFeatures {
         GuestCpuidFeatures {

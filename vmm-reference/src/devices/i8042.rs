@@ -39,6 +39,9 @@ impl I8042 {
 
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // A wider `in` gets zeros above the register's byte, never what an earlier exit left
+        // in `kvm_run`'s data area.
+        data.fill(0);
         if let (Some(first), Ok(offset)) = (data.first_mut(), u8::try_from(offset)) {
             *first = self.inner.read(offset);
         }
@@ -67,5 +70,16 @@ mod tests {
         assert_eq!(end.get(), None);
         dev.write(4, &[0xfe]);
         assert_eq!(end.get(), Some(GuestRequest::Reset));
+    }
+
+    #[test]
+    fn wide_reads_leave_no_stale_bytes() {
+        // Found by the devices fuzz target: only the first byte used to be written.
+        let mut dev = I8042::new(Arc::new(GuestEnd::new()));
+        for offset in [0, 4] {
+            let mut data = [0xa5u8; 4];
+            dev.read(offset, &mut data);
+            assert_eq!(&data[1..], &[0, 0, 0], "offset {offset}");
+        }
     }
 }
