@@ -438,6 +438,11 @@ for sig in HUP QUIT INT USR1; do
   sleep 4; kill -$sig $pid; wait $pid
   echo "=== END signal_$sig rc=$?"
 done
+# SIGTERM while the VM is still being built (the handlers are in place from main() on).
+echo "=== BEGIN term_early"
+/bin/vmm-reference boot $G --cmdline "$C" </dev/null & pid=$!
+sleep 0.3; kill -TERM $pid; wait $pid
+echo "=== END term_early rc=$?"
 # SIGTERM while the console is blocked: a guest flooding a pipe nobody reads.
 echo "=== BEGIN term_blocked"
 mkfifo /tmp/blocked; exec 3<>/tmp/blocked
@@ -664,6 +669,16 @@ fn issue_18_trials() -> Vec<Trial> {
                     rc: 129,
                     cpus: None,
                     contains: &["vmm-reference: stopped by SIGHUP (signal 1)"],
+                },
+            )
+        }),
+        Trial::test("nested::sigterm_while_building_exits_143", || {
+            expect_scenario(
+                "term_early",
+                Expect {
+                    rc: 143,
+                    cpus: None,
+                    contains: &["vmm-reference: stopped by SIGTERM (signal 15)"],
                 },
             )
         }),

@@ -35,7 +35,7 @@ pub fn temp_file(bytes: &[u8]) -> NamedTempFile {
 /// What a guest would be started with.
 pub struct PreparedGuest {
     /// Its memory, with kernel, initramfs and tables in place.
-    pub mem: GuestMemoryMmap,
+    pub mem: memory::GuestRam,
     /// Where its boot vCPU starts.
     pub entry: EntryPoint,
 }
@@ -96,13 +96,14 @@ pub fn prepare(
              (initramfs {initramfs_len} bytes, {mem_mib} MiB)"
         ),
     };
-    let mem = memory::create_guest_memory(mem_bytes, memory::HugePages::Off)
+    let ram = memory::create_guest_memory(mem_bytes, memory::HugePages::Off)
         .expect("guest memory can be mapped");
+    let mem = ram.memory();
     // linux-loader may still refuse what the header checks let through (an ELF segment
     // outside guest memory, a bzImage whose code32_start lies beyond it): an error, not a
     // crash.
-    let loaded = boot::load_kernel(&mem, &valid).ok()?;
-    let entry = boot::write_platform_tables(&mem, &valid, &loaded)
+    let loaded = boot::load_kernel(mem, &valid).ok()?;
+    let entry = boot::write_platform_tables(mem, &valid, &loaded)
         .expect("the platform tables fit every memory size the config accepts");
     let module = match entry {
         EntryPoint::Linux64 { zero_page, .. } => {
@@ -141,7 +142,7 @@ pub fn prepare(
     };
     if let (Some(content), Some((addr, size, initrd_max))) = (initramfs, module) {
         check_initramfs(
-            &mem,
+            mem,
             mem_bytes,
             valid.kernel_mem_end(),
             initrd_max,
@@ -151,7 +152,7 @@ pub fn prepare(
         );
     }
     drop((kernel_file, initramfs_file));
-    Some(PreparedGuest { mem, entry })
+    Some(PreparedGuest { mem: ram, entry })
 }
 
 /// The initramfs the boot parameters describe is `content`, page-aligned, above what the

@@ -8,8 +8,8 @@ use clap::Parser;
 use vmm_reference::cli::{error_chain, Cli, CliCommand, EXIT_USAGE};
 use vmm_reference::probe;
 use vmm_reference::profile::BootProfile;
-use vmm_reference::terminal::RawTerminal;
-use vmm_reference::vmm::Vmm;
+use vmm_reference::terminal::{self, RawTerminal};
+use vmm_reference::vmm::{RunOutcome, Vmm};
 
 /// Exit status for a failure of the VMM itself (KVM setup, I/O).
 const EXIT_VMM_ERROR: u8 = 4;
@@ -20,6 +20,11 @@ fn fail(code: u8, e: &dyn std::error::Error) -> ExitCode {
 }
 
 fn boot(args: &vmm_reference::cli::BootArgs, started: Instant) -> ExitCode {
+    // From here on a terminating signal is recorded rather than fatal: one that arrives while
+    // the VM is built ends the VMM cleanly right after, before any guest code runs.
+    if let Err(e) = terminal::install_termination_handlers() {
+        return fail(EXIT_VMM_ERROR, &e);
+    }
     let config = match args.to_config().and_then(|c| c.validate()) {
         Ok(c) => c,
         Err(e) => return fail(EXIT_USAGE as u8, &e),
@@ -35,6 +40,11 @@ fn boot(args: &vmm_reference::cli::BootArgs, started: Instant) -> ExitCode {
         Err(e) if e.is_input_error() => return fail(EXIT_USAGE as u8, &e),
         Err(e) => return fail(EXIT_VMM_ERROR, &e),
     };
+    if let Some(signal) = terminal::termination_signal() {
+        let outcome = RunOutcome::Signal(signal);
+        eprintln!("vmm-reference: {outcome}");
+        return ExitCode::from(outcome.exit_code() as u8);
+    }
     // Restored when `terminal` drops, on every return below.
     let terminal = match RawTerminal::enter_if_tty(libc::STDIN_FILENO) {
         Ok(t) => t,

@@ -2,21 +2,35 @@
 //! beyond 3 GiB moved above 4 GiB, and the e820 map that describes it to the guest.
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::{MmapRegion, MmapRegionError};
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionCollectionError, GuestRegionMmap};
 
 use crate::sys::{E820_RAM, E820_RESERVED, EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The anonymous mappings for guest RAM could not be created.
-    #[error("cannot map {mem_bytes} bytes of guest memory")]
+    /// An anonymous mapping for guest RAM could not be created.
+    #[error("cannot map {len} bytes of guest memory at guest address {gpa:#x}")]
     Mmap {
-        /// Requested size.
-        mem_bytes: u64,
+        /// Guest-physical start of the range.
+        gpa: u64,
+        /// Its length.
+        len: u64,
         /// What vm-memory reported.
         #[source]
-        source: vm_memory::mmap::FromRangesError,
+        source: MmapRegionError,
+    },
+    /// vm-memory refused the regions (overlapping or unsorted).
+    #[error("cannot assemble the guest memory regions")]
+    Regions(#[source] GuestRegionCollectionError),
+    /// A range would end beyond the 64-bit guest address space.
+    #[error("guest memory range at {gpa:#x} ({len} bytes) wraps the address space")]
+    RangeWraps {
+        /// Guest-physical start of the range.
+        gpa: u64,
+        /// Its length.
+        len: u64,
     },
     /// The huge-page advice could not be given for a guest RAM mapping.
     #[error("madvise({advice}) on {len} bytes of guest memory failed")]
@@ -41,10 +55,13 @@ pub enum Error {
 #[serde(rename_all = "lowercase")]
 pub enum HugePages {
     /// `madvise(MADV_HUGEPAGE)`: transparent huge pages wherever the host allows them
-    /// (`/sys/kernel/mm/transparent_hugepage/enabled` set to `always` or `madvise`).
-    On,
-    /// `madvise(MADV_NOHUGEPAGE)`: 4 KiB pages only, even where the host default is `always`.
+    /// (`/sys/kernel/mm/transparent_hugepage/enabled` set to `always` or `madvise`). The
+    /// default: a guest boots faster, most of all in a nested host, where every 4 KiB page the
+    /// guest touches first costs a nested-paging fault through both hypervisors.
     #[default]
+    On,
+    /// `madvise(MADV_NOHUGEPAGE)`: 4 KiB pages only, even where the host default is `always`;
+    /// a few MiB less resident memory for a slower boot.
     Off,
 }
 
@@ -88,39 +105,96 @@ pub fn low_ram_end(mem_bytes: u64) -> u64 {
     mem_bytes.min(MMIO_GAP_START)
 }
 
-/// Maps guest memory for `mem_bytes` (anonymous, private, `MAP_NORESERVE`) with the
-/// transparent-huge-page advice `huge_pages`.
+/// The size of a transparent huge page (and of a large nested-paging entry) on x86-64.
+pub const HUGE_PAGE: u64 = 2 << 20;
+
+/// Guest RAM: the vm-memory regions the VMM reads and writes, and the mappings behind them,
+/// each placed so that a guest-physical address and its host address agree modulo 2 MiB.
+///
+/// KVM maps guest memory with large nested-paging entries only where that holds
+/// (`kvm_alloc_memslot_metadata` in virt/kvm/kvm_main.c disallows large pages for a slot whose
+/// `userspace_addr` and `guest_phys_addr` differ in their low 21 bits), and a kernel before
+/// 6.7 aligns an anonymous mapping to a page only. Each range is therefore mapped 2 MiB
+/// larger and the regions start at the first 2 MiB boundary inside.
+///
+/// The regions do not own their memory: clones of [`GuestRam::memory`] must not outlive
+/// this value, which unmaps it when dropped.
+#[derive(Debug)]
+pub struct GuestRam {
+    memory: GuestMemoryMmap,
+    // Declared after `memory`, so dropped after it: the regions point into these mappings.
+    _backing: Vec<MmapRegion>,
+}
+
+impl GuestRam {
+    /// The guest memory, for everything that reads or writes it.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+}
+
+/// Maps guest memory for `mem_bytes` (anonymous, private, `MAP_NORESERVE`, 2 MiB-aligned as
+/// [`GuestRam`] says) with the transparent-huge-page advice `huge_pages`.
 ///
 /// # Errors
 ///
-/// [`Error::Mmap`] or [`Error::Madvise`].
-pub fn create_guest_memory(mem_bytes: u64, huge_pages: HugePages) -> Result<GuestMemoryMmap> {
-    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_bytes)
-        .into_iter()
-        .map(|(a, len)| (a, len as usize))
-        .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges)
-        .map_err(|source| Error::Mmap { mem_bytes, source })?;
+/// [`Error::Mmap`], [`Error::Regions`] or [`Error::Madvise`].
+pub fn create_guest_memory(mem_bytes: u64, huge_pages: HugePages) -> Result<GuestRam> {
     let (advice, name) = huge_pages.advice();
-    for region in mem.iter() {
-        // SAFETY: the range is exactly one live mapping owned by `mem`; the advice changes
-        // only how the kernel backs it, never its contents or validity.
+    let mut backing = Vec::new();
+    let mut regions = Vec::new();
+    for (gpa, len) in ram_ranges(mem_bytes) {
+        let mapped = MmapRegion::new((len + HUGE_PAGE) as usize).map_err(|source| Error::Mmap {
+            gpa: gpa.0,
+            len,
+            source,
+        })?;
+        let base = mapped.as_ptr() as u64;
+        // The guest ranges start on 2 MiB boundaries, so the host start must too.
+        let skip = base.next_multiple_of(HUGE_PAGE) - base;
+        // SAFETY: `base + skip .. base + skip + len` lies inside `mapped` (which is `len` plus
+        // 2 MiB long), and `mapped` lives in `GuestRam::_backing` for as long as the region
+        // is reachable from `GuestRam::memory`; the flags are those `MmapRegion::new` used.
+        let region = unsafe {
+            MmapRegion::build_raw(
+                mapped.as_ptr().add(skip as usize),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE,
+            )
+        }
+        .map_err(|source| Error::Mmap {
+            gpa: gpa.0,
+            len,
+            source,
+        })?;
+        // SAFETY: the whole mapping is owned by `mapped`; the advice changes only how the
+        // kernel backs it, never its contents or validity.
         let rc = unsafe {
             libc::madvise(
-                region.as_ptr().cast::<libc::c_void>(),
-                region.len() as usize,
+                mapped.as_ptr().cast::<libc::c_void>(),
+                mapped.size(),
                 advice,
             )
         };
         if rc != 0 {
             return Err(Error::Madvise {
                 advice: name,
-                len: region.len(),
+                len,
                 source: std::io::Error::last_os_error(),
             });
         }
+        // `GuestRegionMmap::new` refuses only a region that would wrap the address space.
+        let region =
+            GuestRegionMmap::new(region, gpa).ok_or(Error::RangeWraps { gpa: gpa.0, len })?;
+        regions.push(region);
+        backing.push(mapped);
     }
-    Ok(mem)
+    let memory = GuestMemoryMmap::from_regions(regions).map_err(Error::Regions)?;
+    Ok(GuestRam {
+        memory,
+        _backing: backing,
+    })
 }
 
 /// The e820 map: base memory, the reserved EBDA/BIOS area (MP table, ACPI tables), RAM from
@@ -157,6 +231,7 @@ pub fn e820_map(mem_bytes: u64) -> Vec<E820Entry> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
     /// The `VmFlags` of the smaps entry of the mapping that starts at `addr`.
     fn vm_flags(addr: u64) -> String {
@@ -184,9 +259,9 @@ mod tests {
     fn guest_ram_is_noreserve_with_the_huge_page_advice() {
         for (huge, wanted, unwanted) in [(HugePages::On, "hg", "nh"), (HugePages::Off, "nh", "hg")]
         {
-            let mem = create_guest_memory(64 << 20, huge).unwrap();
-            let region = mem.iter().next().unwrap();
-            let flags = vm_flags(region.as_ptr() as u64);
+            let ram = create_guest_memory(64 << 20, huge).unwrap();
+            // The advice covers the whole mapping, which starts before the region.
+            let flags = vm_flags(ram._backing[0].as_ptr() as u64);
             let flags: Vec<&str> = flags.split_whitespace().collect();
             assert!(flags.contains(&"nr"), "MAP_NORESERVE missing: {flags:?}");
             assert!(flags.contains(&wanted), "{huge:?}: {flags:?}");
@@ -196,9 +271,29 @@ mod tests {
 
     #[test]
     fn small_guest_has_one_range() {
-        let mem = create_guest_memory(64 << 20, HugePages::Off).unwrap();
-        assert_eq!(mem.num_regions(), 1);
+        let ram = create_guest_memory(64 << 20, HugePages::Off).unwrap();
+        assert_eq!(ram.memory().num_regions(), 1);
         assert_eq!(e820_map(64 << 20).len(), 3);
+    }
+
+    #[test]
+    fn host_and_guest_addresses_agree_modulo_2_mib() {
+        // Below and above the 32-bit MMIO hole.
+        for mib in [64, 3072 + 64] {
+            let ram = create_guest_memory(mib << 20, HugePages::Off).unwrap();
+            let mut bytes = 0;
+            for region in ram.memory().iter() {
+                let hva = region.as_ptr() as u64;
+                let gpa = region.start_addr().0;
+                assert_eq!((hva ^ gpa) % HUGE_PAGE, 0, "{hva:#x} for {gpa:#x}");
+                bytes += region.len();
+            }
+            assert_eq!(bytes, mib << 20);
+            // Usable from end to end.
+            let last = GuestAddress((mib << 20) - 1 + if mib > 3072 { 1 << 30 } else { 0 });
+            ram.memory().write_obj(0xa5u8, last).unwrap();
+            assert_eq!(ram.memory().read_obj::<u8>(last).unwrap(), 0xa5);
+        }
     }
 
     proptest! {

@@ -156,8 +156,8 @@ pub struct MemorySplit {
 }
 
 impl MemorySplit {
-    /// Splits `smaps` (the text of `/proc/<pid>/smaps`) by whether a mapping lies inside one
-    /// of the `guest` host-address ranges; `status` is `/proc/<pid>/status` for `VmHWM`.
+    /// Splits `smaps` (the text of `/proc/<pid>/smaps`) by whether a mapping overlaps one of
+    /// the `guest` host-address ranges; `status` is `/proc/<pid>/status` for `VmHWM`.
     pub fn from_smaps(smaps: &str, guest: &[Range<u64>], status: &str) -> Self {
         let mut split = MemorySplit::default();
         let mut others: Vec<(String, u64)> = Vec::new();
@@ -171,12 +171,19 @@ impl MemorySplit {
         for line in smaps.lines() {
             if let Some((range, name)) = mapping_header(line) {
                 finish(current.take(), &mut split);
-                let in_guest = guest
+                // Guest RAM sits inside a slightly larger mapping (aligned to 2 MiB, see
+                // `memory::GuestRam`): a mapping that overlaps it counts as guest RAM.
+                let overlap: u64 = guest
                     .iter()
-                    .any(|g| range.start >= g.start && range.end <= g.end);
-                if in_guest {
-                    split.guest_mapped_kib += (range.end - range.start) / 1024;
-                }
+                    .map(|g| {
+                        range
+                            .end
+                            .min(g.end)
+                            .saturating_sub(range.start.max(g.start))
+                    })
+                    .sum();
+                let in_guest = overlap > 0;
+                split.guest_mapped_kib += overlap / 1024;
                 current = Some((name, in_guest, 0));
                 continue;
             }
@@ -338,14 +345,15 @@ VmFlags: rd wr mr mw me gd ac
 
     #[test]
     fn smaps_split_between_guest_and_vmm() {
+        // Inside the mapping 7f0000000000-7f0010000000, as `GuestRam` places it.
         let guest = vec![Range {
-            start: 0x7f00_0000_0000,
-            end: 0x7f00_1000_0000,
+            start: 0x7f00_0010_0000,
+            end: 0x7f00_0ff0_0000,
         }];
         let status = "Name:\tvmm-reference\nVmHWM:\t   90000 kB\nVmRSS:\t   83000 kB\n";
         let m = MemorySplit::from_smaps(SMAPS, &guest, status);
         assert_eq!(m.guest_rss_kib, 81920);
-        assert_eq!(m.guest_mapped_kib, 262_144);
+        assert_eq!(m.guest_mapped_kib, 262_144 - 2048);
         assert_eq!(m.guest_huge_kib, 40960);
         assert_eq!(m.other_rss_kib, 600 + 300 + 700 + 50 + 12);
         assert_eq!(
@@ -398,7 +406,7 @@ VmFlags: rd wr mr mw me gd ac
         p.vcpu_slot(); // a vCPU that never published
         let mem =
             crate::memory::create_guest_memory(16 << 20, crate::memory::HugePages::Off).unwrap();
-        p.finish(Some(Instant::now()), &mem);
+        p.finish(Some(Instant::now()), mem.memory());
         let text = p.to_string();
         for needle in [
             "process start -> main",

@@ -38,7 +38,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use msr_featctl::{ConfiguredVcpu, GuestCpuidFeatures, KvmSupport, Mode, ResolvedMode};
 use sync_regs::{RegisterCache, RegisterDump};
 use vcpu_runner::{Buses, MsrHandler, NoMsrs, SharedDevice, Vcpu, VmOutcome, VmRunner};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vm_types::{GuardedVcpu, TypedVm, VmType};
 use vmm_sys_util::eventfd::EventFd;
 use xstate_perm::{GuestPermission, RequestError, SystemHost, XFeature, XFeatureSet};
@@ -51,7 +51,7 @@ use crate::devices::pvpanic::PvPanic;
 use crate::devices::rtc::CmosRtc;
 use crate::devices::serial::{self, ConsoleOut, ConsoleOutput, SerialConsole};
 use crate::devices::{GuestEnd, GuestRequest};
-use crate::memory::HugePages;
+use crate::memory::{GuestRam, HugePages};
 use crate::profile::BootProfile;
 use crate::regs::{self, EntryPoint};
 use crate::seccomp::{self, ThreadKind};
@@ -335,7 +335,7 @@ pub struct Vmm {
     /// Confine every thread with its seccomp filter ([`crate::seccomp`]).
     seccomp: bool,
     /// Guest memory, mapped for the VM's lifetime.
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     profile: Option<BootProfile>,
     // Kept alive for the VM's lifetime.
     _vm: TypedVm,
@@ -413,9 +413,9 @@ impl Vmm {
         step("create_memory");
         create_interrupt_controllers(&vm)?;
         step("interrupt controllers");
-        let kernel = boot::load_kernel(&mem, cfg)?;
+        let kernel = boot::load_kernel(mem.memory(), cfg)?;
         step("load_kernel, initramfs");
-        let entry = boot::write_platform_tables(&mem, cfg, &kernel)?;
+        let entry = boot::write_platform_tables(mem.memory(), cfg, &kernel)?;
         step("platform tables");
         let devices = Devices::attach(&vm, out, c.seccomp)?;
         step("devices");
@@ -479,9 +479,9 @@ fn create_vm(kvm: &Kvm) -> Result<TypedVm> {
 
 /// Guest memory for `bytes` of RAM (the 32-bit MMIO gap left out), one KVM memory slot per
 /// region.
-fn create_memory(vm: &TypedVm, bytes: u64, huge_pages: HugePages) -> Result<GuestMemoryMmap> {
+fn create_memory(vm: &TypedVm, bytes: u64, huge_pages: HugePages) -> Result<GuestRam> {
     let mem = memory::create_guest_memory(bytes, huge_pages)?;
-    for (slot, region) in mem.iter().enumerate() {
+    for (slot, region) in mem.memory().iter().enumerate() {
         let slot = slot as u32;
         let region_desc = kvm_userspace_memory_region {
             slot,
@@ -786,7 +786,7 @@ impl Vmm {
                 .drain(POLL_INTERVAL, || terminal::termination_signal().is_some());
         }
         if let Some(profile) = &self.profile {
-            profile.finish(self.devices.console.first_byte(), &self.memory);
+            profile.finish(self.devices.console.first_byte(), self.memory.memory());
         }
         // A device request came first: the guest's fallbacks after it (another reset
         // method, a triple fault) do not change what it asked for.

@@ -3,7 +3,7 @@
 //! `boot_compare run` runs inside the nested kvm-amd test host (L1). It boots the same kernel,
 //! initramfs and command line with vmm-reference and with `qemu-system-x86_64 -M microvm`, each
 //! from the bzImage and from the ELF vmlinux through its PVH entry (vmm-reference also with
-//! transparent huge pages on), one run of every variant per round, the order rotated round by
+//! transparent huge pages off), one run of every variant per round, the order rotated round by
 //! round, and for each run prints
 //!
 //! ```text
@@ -92,8 +92,8 @@ enum Vmm {
     OursBzimage,
     /// vmm-reference, ELF vmlinux through PVH.
     OursPvh,
-    /// vmm-reference, PVH, guest RAM with transparent huge pages.
-    OursPvhThp,
+    /// vmm-reference, PVH, guest RAM in 4 KiB pages (`--huge-pages off`).
+    OursPvh4k,
     /// QEMU microvm, bzImage (through qboot and linuxboot_dma).
     QemuBzimage,
     /// QEMU microvm, ELF vmlinux through PVH.
@@ -104,7 +104,7 @@ enum Vmm {
 const VARIANTS: [Vmm; 5] = [
     Vmm::OursBzimage,
     Vmm::OursPvh,
-    Vmm::OursPvhThp,
+    Vmm::OursPvh4k,
     Vmm::QemuBzimage,
     Vmm::QemuPvh,
 ];
@@ -113,7 +113,7 @@ const VARIANTS: [Vmm; 5] = [
 const PAIRS: [(Vmm, Vmm); 4] = [
     (Vmm::OursBzimage, Vmm::QemuBzimage),
     (Vmm::OursPvh, Vmm::QemuPvh),
-    (Vmm::OursPvhThp, Vmm::QemuPvh),
+    (Vmm::OursPvh4k, Vmm::QemuPvh),
     (Vmm::OursPvh, Vmm::QemuBzimage),
 ];
 
@@ -122,7 +122,7 @@ impl Vmm {
         match self {
             Vmm::OursBzimage => "ours-bzimage",
             Vmm::OursPvh => "ours-pvh",
-            Vmm::OursPvhThp => "ours-pvh-thp",
+            Vmm::OursPvh4k => "ours-pvh-4k",
             Vmm::QemuBzimage => "qemu-bzimage",
             Vmm::QemuPvh => "qemu-pvh",
         }
@@ -132,18 +132,18 @@ impl Vmm {
         match self {
             Vmm::OursBzimage => "vmm-reference, bzImage",
             Vmm::OursPvh => "vmm-reference, PVH",
-            Vmm::OursPvhThp => "vmm-reference, PVH, THP on",
+            Vmm::OursPvh4k => "vmm-reference, PVH, THP off",
             Vmm::QemuBzimage => "QEMU microvm, bzImage",
             Vmm::QemuPvh => "QEMU microvm, PVH",
         }
     }
 
     fn is_ours(self) -> bool {
-        matches!(self, Vmm::OursBzimage | Vmm::OursPvh | Vmm::OursPvhThp)
+        matches!(self, Vmm::OursBzimage | Vmm::OursPvh | Vmm::OursPvh4k)
     }
 
     fn pvh(self) -> bool {
-        matches!(self, Vmm::OursPvh | Vmm::OursPvhThp | Vmm::QemuPvh)
+        matches!(self, Vmm::OursPvh | Vmm::OursPvh4k | Vmm::QemuPvh)
     }
 
     /// `ours` and `qemu` are the names of earlier logs, which had bzImage runs only.
@@ -494,7 +494,7 @@ fn vmm_command(vmm: Vmm, args: &RunArgs) -> Command {
     };
     if vmm.is_ours() {
         let mut c = Command::new(&args.vmm_reference);
-        let huge_pages = if vmm == Vmm::OursPvhThp { "on" } else { "off" };
+        let huge_pages = if vmm == Vmm::OursPvh4k { "off" } else { "on" };
         c.arg("boot")
             .arg("--kernel")
             .arg(kernel)
@@ -792,7 +792,7 @@ mod tests {
             },
             RunRecord {
                 overhead_kib: Some(2900),
-                ..rec(Vmm::OursPvhThp, Some(7.0), 9)
+                ..rec(Vmm::OursPvh4k, Some(7.0), 9)
             },
         ] {
             assert_eq!(parse_run(&r.line()), Ok(Some(r.clone())));
@@ -966,7 +966,7 @@ mod tests {
                 "{v:?}: {a:?}"
             );
             if v.is_ours() {
-                let thp = if v == Vmm::OursPvhThp { "on" } else { "off" };
+                let thp = if v == Vmm::OursPvh4k { "off" } else { "on" };
                 assert!(a.windows(2).any(|w| w == ["--huge-pages", thp]), "{a:?}");
                 assert!(a.contains(&"--profile".to_string()), "{a:?}");
             } else {
