@@ -72,21 +72,19 @@ pub fn msr_filter(data: &[u8]) {
         filter = filter.with_feature_control();
     }
     let probes: Vec<u32> = (0..input.u8() % 16).map(|_| base(&mut input)).collect();
-    // A filter that does not validate is never installed, and `FilterRange::allows` indexes
-    // its bitmap without a length check; only valid filters are asked.
-    if filter.validate().is_ok() {
-        check_valid(&filter, with_feature_control, &probes);
+    let valid = filter.validate().is_ok();
+    if valid {
+        check_rules(&filter);
     }
+    check_decisions(&filter, valid && with_feature_control, &probes);
     feature_control(&mut input);
 }
 
-/// What a filter that passed `validate()` promises: KVM's rules hold, and each access is
-/// decided as `kvm_msr_allowed` (arch/x86/kvm/x86.c) decides it.
-fn check_valid(filter: &MsrFilter, with_feature_control: bool, probes: &[u32]) {
+/// What a filter that passed `validate()` promises: KVM's rules hold.
+fn check_rules(filter: &MsrFilter) {
     let ranges = filter.ranges();
     assert!(ranges.len() <= KVM_MSR_FILTER_MAX_RANGES as usize);
     assert!(!ranges.is_empty() || filter.default_action() == MsrFilterDefaultAction::ALLOW);
-    let mut indices = probes.to_vec();
     for r in ranges {
         assert!(r.msr_count > 0);
         assert!(!r.flags.is_empty() && MsrFilterRangeFlags::all().contains(r.flags));
@@ -95,12 +93,18 @@ fn check_valid(filter: &MsrFilter, with_feature_control: bool, probes: &[u32]) {
         let last = u64::from(r.base) + u64::from(r.msr_count) - 1;
         assert!(last <= u64::from(u32::MAX));
         assert!(last < u64::from(*X2APIC_MSRS.start()) || r.base > *X2APIC_MSRS.end());
-        indices.extend([
-            r.base.wrapping_sub(1),
-            r.base,
-            last as u32,
-            (last as u32).wrapping_add(1),
-        ]);
+    }
+}
+
+/// Each access is decided as `kvm_msr_allowed` (arch/x86/kvm/x86.c) decides it, with a bitmap
+/// shorter than its range (which `validate()` refuses) reading as zeros past its end; the
+/// range boundaries, x2APIC MSRs, 0x3a and the input's probes are asked.
+fn check_decisions(filter: &MsrFilter, with_feature_control: bool, probes: &[u32]) {
+    let ranges = filter.ranges();
+    let mut indices = probes.to_vec();
+    for r in ranges {
+        let end = r.base.wrapping_add(r.msr_count);
+        indices.extend([r.base.wrapping_sub(1), r.base, end.wrapping_sub(1), end]);
     }
     indices.extend([MSR_IA32_FEAT_CTL, *X2APIC_MSRS.start(), *X2APIC_MSRS.end()]);
     for index in indices {
@@ -114,7 +118,9 @@ fn check_valid(filter: &MsrFilter, with_feature_control: bool, probes: &[u32]) {
                     .find(|r| r.contains(index))
                     .map(|r| {
                         let bit = (index - r.base) as usize;
-                        r.bitmap[bit / 8] & (1 << (bit % 8)) != 0
+                        r.bitmap
+                            .get(bit / 8)
+                            .is_some_and(|b| b & (1 << (bit % 8)) != 0)
                     })
                     .unwrap_or(filter.default_action() == MsrFilterDefaultAction::ALLOW)
             };
