@@ -334,11 +334,13 @@ pub struct Vmm {
     devices: Devices,
     /// Confine every thread with its seccomp filter ([`crate::seccomp`]).
     seccomp: bool,
+    profile: Option<BootProfile>,
+    // Fields drop in declaration order: the vCPU threads (with their fds) first, then the
+    // VM, and only then the guest memory its slots point at, so that unmapping it does not
+    // make KVM invalidate the mappings of a VM that is still alive.
+    _vm: TypedVm,
     /// Guest memory, mapped for the VM's lifetime.
     memory: GuestRam,
-    profile: Option<BootProfile>,
-    // Kept alive for the VM's lifetime.
-    _vm: TypedVm,
 }
 
 impl std::fmt::Debug for Vmm {

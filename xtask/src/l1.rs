@@ -125,6 +125,8 @@ pub struct FreezeReport {
     pub step: Option<String>,
     /// How long it had been silent.
     pub silent_for: Duration,
+    /// Its kernel's stuck-CPU report, when that (not silence) ended it.
+    pub stuck: Option<String>,
     /// How long after its start it was declared frozen.
     pub after: Duration,
     /// Its last console lines, oldest first.
@@ -135,13 +137,19 @@ impl fmt::Display for FreezeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "test host frozen in boot {} {}: no console output and no heartbeat for {} s, {:.0} s after it started",
+            "test host frozen in boot {} {}: {}, {:.0} s after it started",
             self.attempt,
             match &self.step {
                 Some(step) => format!("during step `{step}`"),
                 None => "before any step ran".to_owned(),
             },
-            self.silent_for.as_secs(),
+            match &self.stuck {
+                Some(line) => format!("its kernel reported a stuck CPU ({})", line.trim()),
+                None => format!(
+                    "no console output and no heartbeat for {} s",
+                    self.silent_for.as_secs()
+                ),
+            },
             self.after.as_secs_f64(),
         )
     }
@@ -186,6 +194,7 @@ fn after_freeze(
 ) -> std::result::Result<FreezeReport, qemu::Error> {
     let qemu::Error::Frozen {
         silent_for,
+        stuck,
         after,
         last_lines,
     } = error
@@ -204,6 +213,7 @@ fn after_freeze(
         attempt,
         step,
         silent_for,
+        stuck,
         after,
         last_lines,
     })
@@ -465,6 +475,7 @@ mod tests {
 
     fn frozen() -> qemu::Error {
         qemu::Error::Frozen {
+            stuck: None,
             silent_for: Duration::from_secs(60),
             after: Duration::from_secs(100),
             last_lines: vec!["test b ... ".into()],
@@ -542,6 +553,7 @@ mod tests {
             attempt,
             step: Some("x/kvm".into()),
             silent_for: Duration::from_secs(60),
+            stuck: None,
             after: Duration::from_secs(5),
             last_lines: Vec::new(),
         };

@@ -957,6 +957,7 @@ mod tests {
                 attempt: 1,
                 step: Some("boot-9-4vcpu-panic".into()),
                 silent_for: Duration::from_secs(60),
+                stuck: None,
                 after: Duration::from_secs(99),
                 last_lines: vec!["VMM-REFERENCE-BOOT-OK".into()],
             }],

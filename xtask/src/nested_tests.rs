@@ -192,6 +192,7 @@ mod tests {
                 attempt: 1,
                 step: Some("b/smoke".into()),
                 silent_for: std::time::Duration::from_secs(60),
+                stuck: None,
                 after: std::time::Duration::from_secs(30),
                 last_lines: Vec::new(),
             }],

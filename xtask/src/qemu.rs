@@ -42,12 +42,19 @@ pub enum Error {
     /// L1 did not power off in time although it kept showing signs of life; QEMU was killed.
     #[error("L1 did not finish within {} s; QEMU was killed", .0.as_secs())]
     Timeout(Duration),
-    /// L1 showed no sign of life (no console line, no heartbeat) for the silence limit:
-    /// the test host itself froze. QEMU was killed.
-    #[error("test host frozen: no console output and no heartbeat for {} s; QEMU was killed", silent_for.as_secs())]
+    /// L1 showed no sign of life (no console line, no heartbeat) for the silence limit, or
+    /// its kernel reported a CPU stuck (a soft lockup or an RCU stall, which under TCG with
+    /// nested SVM has been seen to last until the step's timeout): the test host itself
+    /// froze. QEMU was killed.
+    #[error("test host frozen: {}; QEMU was killed", match stuck {
+        Some(line) => format!("its kernel reported a stuck CPU: {line}"),
+        None => format!("no console output and no heartbeat for {} s", silent_for.as_secs()),
+    })]
     Frozen {
         /// How long it had been silent when it was killed.
         silent_for: Duration,
+        /// The kernel's stuck-CPU report that ended it, when that was the cause.
+        stuck: Option<String>,
         /// How long after the start it was killed.
         after: Duration,
         /// The last console lines it printed, oldest first.
@@ -203,6 +210,7 @@ pub fn run_console(
         if silent_for >= limit {
             let error = Error::Frozen {
                 silent_for,
+                stuck: None,
                 after: now.duration_since(started),
                 last_lines: last_lines.into(),
             };
@@ -221,6 +229,15 @@ pub fn run_console(
                 }
                 last_lines.push_back(text.to_owned());
                 on_line(text);
+                if STUCK_CPU_REPORTS.iter().any(|r| text.contains(r)) {
+                    let error = Error::Frozen {
+                        silent_for: Duration::ZERO,
+                        stuck: Some(text.to_owned()),
+                        after: now.duration_since(started),
+                        last_lines: last_lines.into(),
+                    };
+                    return Err(kill(&mut child, error));
+                }
             }
             Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {}
@@ -235,6 +252,13 @@ pub fn run_console(
         Err(Error::Failed(status))
     }
 }
+
+/// What L1's kernel prints when one of its CPUs is stuck (kernel/watchdog.c,
+/// kernel/rcu/tree_stall.h): the host is not coming back in useful time.
+const STUCK_CPU_REPORTS: [&str; 2] = [
+    "watchdog: BUG: soft lockup - CPU#",
+    "self-detected stall on CPU",
+];
 
 /// How often the heartbeat file is looked at while the console is quiet.
 const POLL: Duration = Duration::from_millis(250);
@@ -309,6 +333,40 @@ mod tests {
         assert!(silent_for >= Duration::from_millis(700));
         assert_eq!(last_lines, ["one", "two"]);
         assert_eq!(seen, ["one", "two"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_stuck_cpu_report_ends_the_run_as_frozen() {
+        let dir = std::env::temp_dir().join(format!("xtask-stuck-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let started = Instant::now();
+        let err = run_console(
+            shell("echo one; echo '[ 36.6] watchdog: BUG: soft lockup - CPU#0 stuck for 26s! [vmm-reference:99]'; exec sleep 30"),
+            &dir.join("alive"),
+            watchdog(20_000),
+            |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not killed at once"
+        );
+        let Error::Frozen {
+            stuck, last_lines, ..
+        } = &err
+        else {
+            panic!("not named frozen: {err}");
+        };
+        assert!(
+            stuck.as_deref().is_some_and(|l| l.contains("soft lockup")),
+            "{err}"
+        );
+        assert_eq!(last_lines.len(), 2);
+        assert!(
+            err.to_string().contains("its kernel reported a stuck CPU"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
