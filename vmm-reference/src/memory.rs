@@ -55,13 +55,14 @@ pub enum Error {
 #[serde(rename_all = "lowercase")]
 pub enum HugePages {
     /// `madvise(MADV_HUGEPAGE)`: transparent huge pages wherever the host allows them
-    /// (`/sys/kernel/mm/transparent_hugepage/enabled` set to `always` or `madvise`). The
-    /// default: a guest boots faster, most of all in a nested host, where every 4 KiB page the
-    /// guest touches first costs a nested-paging fault through both hypervisors.
-    #[default]
+    /// (`/sys/kernel/mm/transparent_hugepage/enabled` set to `always` or `madvise`). A guest
+    /// boots faster, most of all in a nested host, where every 4 KiB page the guest touches
+    /// first costs a nested-paging fault through both hypervisors.
     On,
-    /// `madvise(MADV_NOHUGEPAGE)`: 4 KiB pages only, even where the host default is `always`;
-    /// a few MiB less resident memory for a slower boot.
+    /// `madvise(MADV_NOHUGEPAGE)`: 4 KiB pages only, even where the host default is `always`.
+    /// The default: a few MiB less resident memory for a slower boot, and the configuration
+    /// the nested test host has run stably.
+    #[default]
     Off,
 }
 

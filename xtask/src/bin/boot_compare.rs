@@ -88,9 +88,9 @@ type Result<T> = std::result::Result<T, Error>;
 /// The variants compared: a VMM and its boot path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 enum Vmm {
-    /// vmm-reference, bzImage (64-bit boot protocol).
+    /// vmm-reference, bzImage (64-bit boot protocol), `--huge-pages on`.
     OursBzimage,
-    /// vmm-reference, ELF vmlinux through PVH.
+    /// vmm-reference, ELF vmlinux through PVH, `--huge-pages on`.
     OursPvh,
     /// vmm-reference, PVH, guest RAM in 4 KiB pages (`--huge-pages off`).
     OursPvh4k,
@@ -130,9 +130,9 @@ impl Vmm {
 
     fn label(self) -> &'static str {
         match self {
-            Vmm::OursBzimage => "vmm-reference, bzImage",
-            Vmm::OursPvh => "vmm-reference, PVH",
-            Vmm::OursPvh4k => "vmm-reference, PVH, THP off",
+            Vmm::OursBzimage => "vmm-reference, bzImage, THP on",
+            Vmm::OursPvh => "vmm-reference, PVH, THP on",
+            Vmm::OursPvh4k => "vmm-reference, PVH, THP off (default)",
             Vmm::QemuBzimage => "QEMU microvm, bzImage",
             Vmm::QemuPvh => "QEMU microvm, PVH",
         }
@@ -930,7 +930,7 @@ mod tests {
         let out = summarize(std::slice::from_ref(&good)).expect("summary");
         assert!(out.starts_with("2 runs over 2 boots"), "{out}");
         assert!(
-            out.contains("| vmm-reference, bzImage | 1 (0) | 10 | 10 |"),
+            out.contains("| vmm-reference, bzImage, THP on | 1 (0) | 10 | 10 |"),
             "{out}"
         );
         // One boot with both VMMs: 10/20; the empty second boot is left out.
