@@ -157,7 +157,8 @@ const STDERR: u64 = libc::STDERR_FILENO as u64;
 /// What every thread may do: wait on and wake locks, condition variables and channels
 /// (`futex`, `sched_yield` in std's channel back-off), allocate and free (glibc malloc:
 /// `brk`, `mmap` of reserved or read-write memory, `mprotect` to read-write when an arena
-/// grows, `munmap`, `madvise`), read the clock where the vDSO falls back to the syscall, run
+/// grows, `munmap`, `madvise`), read the clock where the vDSO falls back to the syscall, have
+/// an interrupted wait restarted (`restart_syscall`), run
 /// and return from the VMM's signal handlers (`rt_sigreturn`, `rt_sigprocmask` around
 /// glibc's `pthread_kill`), end (`sigaltstack` and `munmap` of the Rust runtime's signal
 /// stack, `exit`, `exit_group`), write to stderr (log lines, a panic message, the `SIGSYS`
@@ -175,6 +176,10 @@ fn common() -> Vec<(c_long, Args)> {
         (libc::SYS_madvise, Args::Any),
         (libc::SYS_clock_gettime, Args::Any),
         (libc::SYS_rt_sigreturn, Args::Any),
+        // The kernel restarts an interrupted sleep or timed futex wait through it (a
+        // signal that stopped the process, or one another thread handled): found by a nested
+        // boot test, SIGTERM while the console was blocked.
+        (libc::SYS_restart_syscall, Args::Any),
         (libc::SYS_rt_sigprocmask, Args::Any),
         (libc::SYS_sigaltstack, Args::Any),
         (libc::SYS_exit, Args::Any),

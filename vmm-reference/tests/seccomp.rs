@@ -78,6 +78,19 @@ fn child(scenario: &str) {
             let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
             eprintln!("socket was allowed: {fd}");
         }),
+        // Each thread kind waits on a condition variable with a timeout (a futex wait with
+        // an absolute deadline) while the parent stops and continues the process: the kernel
+        // resumes the wait through restart_syscall, which every filter allows.
+        ["restarted-wait", kind] => on_confined_thread("waiter", kind_named(kind), || {
+            let pair = (Mutex::new(false), std::sync::Condvar::new());
+            let guard = pair.0.lock().expect("lock");
+            eprintln!("waiting");
+            let (_guard, timeout) = pair
+                .1
+                .wait_timeout_while(guard, Duration::from_millis(1500), |done| !*done)
+                .expect("wait");
+            eprintln!("wait ended (timed out: {})", timeout.timed_out());
+        }),
         // A vCPU thread makes an ioctl that is not one of its KVM ioctls: trapped.
         ["fionread-on-vcpu"] => on_confined_thread("vcpu1", ThreadKind::Vcpu, || {
             let mut pending: libc::c_int = 0;
@@ -466,6 +479,34 @@ fn tests() -> Vec<Trial> {
             Ok(())
         },
     ));
+    for kind in ["main", "vcpu", "console-out", "console-in"] {
+        trials.push(Trial::test(
+            format!("a_stopped_and_continued_wait_restarts_under_the_{kind}_filter"),
+            move || {
+                let child = spawn_child(&format!("restarted-wait:{kind}"), Stdio::null())
+                    .map_err(|e| e.to_string())?;
+                // Let it reach the wait, then stop and continue it in the middle.
+                std::thread::sleep(Duration::from_millis(500));
+                let pid = child.id() as libc::pid_t;
+                // SAFETY: kill(2) on our own child, not yet reaped.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                std::thread::sleep(Duration::from_millis(200));
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                let out = child.wait_with_output().map_err(|e| e.to_string())?;
+                let out = Output {
+                    status: out.status,
+                    stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                    stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                };
+                expect_success(&out)?;
+                if !out.stderr.contains("wait ended") {
+                    return Err(format!("the wait never ended:\n{}", out.stderr).into());
+                }
+                Ok(())
+            },
+        ));
+    }
     trials.push(Trial::test("console_reader_runs_under_its_filter", || {
         let mut child = spawn_child("console-in", Stdio::piped()).map_err(|e| e.to_string())?;
         let input: Vec<u8> = (0..INPUT_BYTES).map(|i| b'a' + (i % 26) as u8).collect();
