@@ -130,6 +130,7 @@ impl HostArgs {
             boot_silence: MachineOptions::DEFAULT.boot_silence,
             step_timeout: Duration::from_secs(self.step_timeout),
             freeze_retries: self.freeze_retries,
+            retry_ended: MachineOptions::DEFAULT.retry_ended,
         }
     }
 }

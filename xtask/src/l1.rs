@@ -96,6 +96,11 @@ pub struct MachineOptions {
     pub step_timeout: Duration,
     /// How many times a frozen L1 is booted again to resume from the step it froze in.
     pub freeze_retries: u32,
+    /// Whether an L1 that ends without reporting its result (its kernel died or QEMU
+    /// exited) counts as a lost test host, booted again like a frozen one within
+    /// `freeze_retries`, instead of failing the run. Only the soak, which counts such
+    /// losses, sets it.
+    pub retry_ended: bool,
 }
 
 impl MachineOptions {
@@ -113,6 +118,7 @@ impl MachineOptions {
         boot_silence: Duration::from_secs(120),
         step_timeout: Duration::from_secs(600),
         freeze_retries: 2,
+        retry_ended: false,
     };
 }
 
@@ -127,6 +133,8 @@ pub struct FreezeReport {
     pub silent_for: Duration,
     /// Its kernel's stuck-CPU report, when that (not silence) ended it.
     pub stuck: Option<String>,
+    /// Whether L1 ended without its result (rather than going silent or stuck).
+    pub ended: bool,
     /// How long after its start it was declared frozen.
     pub after: Duration,
     /// Its last console lines, oldest first.
@@ -144,6 +152,7 @@ impl fmt::Display for FreezeReport {
                 None => "before any step ran".to_owned(),
             },
             match &self.stuck {
+                _ if self.ended => "L1 ended without reporting its result".to_owned(),
                 Some(line) => format!("its kernel reported a stuck CPU ({})", line.trim()),
                 None => format!(
                     "no console output and no heartbeat for {} s",
@@ -201,6 +210,46 @@ fn after_freeze(
     else {
         return Err(error);
     };
+    let step = keep_ended_steps(transcript, remaining, done);
+    Ok(FreezeReport {
+        attempt,
+        step,
+        silent_for,
+        stuck,
+        ended: false,
+        after,
+        last_lines,
+    })
+}
+
+/// The report of a boot that ended without its result, after keeping the steps that ended
+/// (as [`after_freeze`] does).
+fn after_lost_end(
+    transcript: Transcript,
+    remaining: &mut Vec<Step>,
+    done: &mut Vec<StepReport>,
+    attempt: u32,
+    after: Duration,
+) -> FreezeReport {
+    let step = keep_ended_steps(transcript, remaining, done);
+    FreezeReport {
+        attempt,
+        step,
+        silent_for: Duration::ZERO,
+        stuck: None,
+        ended: true,
+        after,
+        last_lines: Vec::new(),
+    }
+}
+
+/// Moves the steps of `transcript` that ended to `done`, drops them from `remaining` and
+/// returns the label of the step that was running, if one was.
+fn keep_ended_steps(
+    transcript: Transcript,
+    remaining: &mut Vec<Step>,
+    done: &mut Vec<StepReport>,
+) -> Option<String> {
     let ended = transcript
         .steps
         .iter()
@@ -209,14 +258,7 @@ fn after_freeze(
     let step = transcript.steps.get(ended).map(|step| step.label.clone());
     done.extend(transcript.steps.into_iter().take(ended));
     remaining.drain(..ended.min(remaining.len()));
-    Ok(FreezeReport {
-        attempt,
-        step,
-        silent_for,
-        stuck,
-        after,
-        last_lines,
-    })
+    step
 }
 
 /// An L1 initramfs under construction, with the kernel it is for.
@@ -340,6 +382,7 @@ impl L1Image {
                 step_timeout_secs: u32::try_from(options.step_timeout.as_secs())
                     .unwrap_or(u32::MAX),
             };
+            let booted = Instant::now();
             let (transcript, result) = self.boot_once(&init, options)?;
             match result {
                 Ok(stats) => {
@@ -351,7 +394,32 @@ impl L1Image {
                     if let Some(message) = transcript.setup_error {
                         return Err(Error::NoKvm(message));
                     }
-                    let rc = transcript.result.ok_or(Error::NoResult)?;
+                    let Some(rc) = transcript.result else {
+                        if !options.retry_ended {
+                            return Err(Error::NoResult);
+                        }
+                        let report = after_lost_end(
+                            transcript,
+                            &mut remaining,
+                            &mut done,
+                            attempt,
+                            booted.elapsed(),
+                        );
+                        println!("xtask: {report}");
+                        freezes.push(report);
+                        if freezes.len() > options.freeze_retries as usize {
+                            return Err(Error::Frozen(freezes));
+                        }
+                        println!(
+                            "{FROZEN_RETRY_PREFIX} {} of {}: booting L1 again, resuming at `{}`",
+                            freezes.len(),
+                            options.freeze_retries,
+                            remaining
+                                .first()
+                                .map_or("(no steps left)", |step| step.label.as_str())
+                        );
+                        continue;
+                    };
                     done.extend(transcript.steps);
                     let rc = if rc != 0 {
                         rc
@@ -532,6 +600,32 @@ mod tests {
     }
 
     #[test]
+    fn an_ended_boot_resumes_at_the_running_step() {
+        let mut transcript = Transcript::default();
+        for line in ["NESTED-BEGIN a", "NESTED-END a rc=0", "NESTED-BEGIN b"] {
+            transcript.observe(line);
+        }
+        let mut remaining = vec![step("a"), step("b"), step("c")];
+        let mut done = Vec::new();
+        let report = after_lost_end(
+            transcript,
+            &mut remaining,
+            &mut done,
+            3,
+            Duration::from_secs(580),
+        );
+        assert_eq!(report.step.as_deref(), Some("b"));
+        assert!(report.ended);
+        assert_eq!(remaining.len(), 2);
+        assert_eq!(done.len(), 1);
+        let text = report.to_string();
+        assert!(
+            text.contains("boot 3 during step `b`: L1 ended without reporting its result"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn only_a_freeze_is_retried() {
         let mut remaining = vec![step("a")];
         let mut done = Vec::new();
@@ -554,6 +648,7 @@ mod tests {
             step: Some("x/kvm".into()),
             silent_for: Duration::from_secs(60),
             stuck: None,
+            ended: false,
             after: Duration::from_secs(5),
             last_lines: Vec::new(),
         };

@@ -2,9 +2,10 @@
 //! test host, to find out how often the test host freezes and where, and whether every guest
 //! ending keeps its exit status.
 //!
-//! Everything runs as steps of one L1 boot; a frozen L1 is booted again and resumes at the
-//! step it froze in (up to `--max-freezes`, high by default), so one run counts every
-//! freeze. Guest boots use the reference VMM with the default guest (see [`crate::guest`]).
+//! Everything runs as steps of one L1 boot; a lost L1 (frozen, or ended without reporting
+//! its result) is booted again and resumes at the step it was lost in (up to
+//! `--max-freezes`, high by default), so one run counts every loss; the `froze` column
+//! counts both kinds. Guest boots use the reference VMM with the default guest (see [`crate::guest`]).
 //! Boot `i` (counting from 0) gets [`VCPU_MIX`]`[i % 3]` vCPUs and ends as
 //! [`Ending::MIX`]`[(i / 3) % 3]` says, so every nine boots run each of the nine combinations
 //! once. Each boot runs under [`BOOT_CHECK_SCRIPT`] inside L1, which shows the guest console
@@ -460,7 +461,7 @@ impl fmt::Display for SoakReport {
         }
         writeln!(
             f,
-            "  test-host freezes: {} in {} L1 boots",
+            "  test host lost (frozen, or ended without its result): {} in {} L1 boots",
             self.freezes.len(),
             self.freezes.len() + 1
         )?;
@@ -569,6 +570,7 @@ pub fn run(workspace: &Path, cache_dir: &Path, args: &SoakArgs) -> Result<SoakRe
     let env = vec![("REQUIRE_KVM".to_owned(), "1".to_owned())];
     let mut options = args.host.machine();
     options.freeze_retries = args.max_freezes;
+    options.retry_ended = true;
     // One L1 boot runs the whole soak: its limit is what the steps may take in all.
     options.timeout = options.timeout.max(Duration::from_secs(
         u64::from(args.boots) * 120 + u64::from(args.test_runs) * 600,
@@ -958,6 +960,7 @@ mod tests {
                 step: Some("boot-9-4vcpu-panic".into()),
                 silent_for: Duration::from_secs(60),
                 stuck: None,
+                ended: false,
                 after: Duration::from_secs(99),
                 last_lines: vec!["VMM-REFERENCE-BOOT-OK".into()],
             }],
@@ -1006,7 +1009,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("test-host freezes: 1 in 2 L1 boots"),
+            text.contains("test host lost (frozen, or ended without its result): 1 in 2 L1 boots"),
             "{text}"
         );
         assert!(text.contains("last line: VMM-REFERENCE-BOOT-OK"), "{text}");

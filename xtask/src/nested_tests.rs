@@ -193,6 +193,7 @@ mod tests {
                 step: Some("b/smoke".into()),
                 silent_for: std::time::Duration::from_secs(60),
                 stuck: None,
+                ended: false,
                 after: std::time::Duration::from_secs(30),
                 last_lines: Vec::new(),
             }],
