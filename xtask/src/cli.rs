@@ -191,6 +191,10 @@ pub struct SoakArgs {
     /// How many freezes to recover from before giving up.
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub max_freezes: u32,
+    /// An extra `vmm-reference boot` argument for every guest boot (repeatable), e.g.
+    /// `--vmm-arg=--huge-pages --vmm-arg=on`.
+    #[arg(long = "vmm-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub vmm_args: Vec<String>,
     /// Options for L1 (its `--timeout` grows to what the steps may take in all).
     #[command(flatten)]
     pub host: HostArgs,

@@ -185,8 +185,8 @@ impl GuestBoot {
     }
 
     /// The L1 command: the boot-check script with its expectations in the environment,
-    /// running the reference VMM.
-    fn argv(&self) -> Vec<String> {
+    /// running the reference VMM with `extra` after its own arguments.
+    fn argv(&self, extra: &[String]) -> Vec<String> {
         let want = self.ending.expectation();
         let mut argv = vec![
             "env".to_owned(),
@@ -219,6 +219,7 @@ impl GuestBoot {
             ]
             .map(str::to_owned),
         );
+        argv.extend_from_slice(extra);
         argv
     }
 }
@@ -487,7 +488,7 @@ struct Plan {
 
 /// The steps: `boots` guest boots in the mix of [`GuestBoot::nth`], with a round of
 /// `binaries` after every `boots / rounds`.
-fn plan(boots: u32, rounds: u32, binaries: &[(String, String)]) -> Plan {
+fn plan(boots: u32, rounds: u32, binaries: &[(String, String)], vmm_args: &[String]) -> Plan {
     let mut steps = Vec::new();
     let mut planned = Vec::new();
     let every = boots.checked_div(rounds).map_or(u32::MAX, |n| n.max(1));
@@ -502,7 +503,7 @@ fn plan(boots: u32, rounds: u32, binaries: &[(String, String)]) -> Plan {
         let boot = GuestBoot::nth(i);
         steps.push(Step {
             label: boot.label(),
-            argv: boot.argv(),
+            argv: boot.argv(vmm_args),
         });
         planned.push(boot);
         if boot.number.is_multiple_of(every) && rounds_done < rounds {
@@ -566,7 +567,7 @@ pub fn run(workspace: &Path, cache_dir: &Path, args: &SoakArgs) -> Result<SoakRe
         })?;
         placed.push((binary.label(), dest.to_string()));
     }
-    let plan = plan(args.boots, args.test_runs, &placed);
+    let plan = plan(args.boots, args.test_runs, &placed, &args.vmm_args);
     let env = vec![("REQUIRE_KVM".to_owned(), "1".to_owned())];
     let mut options = args.host.machine();
     options.freeze_retries = args.max_freezes;
@@ -638,7 +639,7 @@ mod tests {
     #[test]
     fn plan_spreads_test_rounds_between_boots() {
         let binaries = [("a/kvm".to_owned(), "/tests/a/kvm".to_owned())];
-        let plan = plan(10, 2, &binaries);
+        let plan = plan(10, 2, &binaries, &[]);
         let labels: Vec<_> = plan.steps.iter().map(|s| s.label.as_str()).collect();
         assert_eq!(labels.len(), 12);
         assert_eq!(plan.boots.len(), 10);
@@ -654,13 +655,13 @@ mod tests {
     }
 
     fn plan_len(boots: u32, rounds: u32, binaries: &[(String, String)]) -> usize {
-        plan(boots, rounds, binaries).steps.len()
+        plan(boots, rounds, binaries, &[]).steps.len()
     }
 
     #[test]
     fn a_boot_step_runs_the_vmm_under_the_check_with_its_expectations() {
         let boot = GuestBoot::nth(8);
-        let argv = boot.argv();
+        let argv = boot.argv(&[]);
         let at = |word: &str| argv.iter().position(|a| a == word).unwrap();
         assert_eq!(argv[0], "env");
         assert!(argv.contains(&"SOAK_RC=3".to_owned()), "{argv:?}");
@@ -671,6 +672,10 @@ mod tests {
         assert!(at(BOOT_CHECK_PATH) < at("/bin/vmm-reference"));
         assert_eq!(argv[at("--vcpus") + 1], "4");
         assert!(argv[at("--cmdline") + 1].ends_with(" panic=-1 quiet vmmref.end=panic"));
+        let extra = ["--huge-pages".to_owned(), "on".to_owned()];
+        let with = boot.argv(&extra);
+        assert_eq!(with[with.len() - 2..], extra);
+        assert_eq!(with[..argv.len()], argv[..]);
     }
 
     #[test]
@@ -712,7 +717,7 @@ mod tests {
         let text: String = console.iter().map(|l| format!("{l}\r\n")).collect();
         let console_file = dir.path().join("console");
         std::fs::write(&console_file, text).unwrap();
-        let argv = boot.argv();
+        let argv = boot.argv(&[]);
         let vars_end = argv.iter().position(|a| a == "/bin/sh").unwrap();
         let mut command = l1_shell();
         command.arg(&script);
@@ -941,7 +946,7 @@ mod tests {
     #[test]
     fn report_counts_per_combination_failures_and_freezes() {
         let binaries = [("a/kvm".to_owned(), "/tests/a/kvm".to_owned())];
-        let plan = plan(10, 0, &binaries);
+        let plan = plan(10, 0, &binaries, &[]);
         let mut steps: Vec<StepReport> = plan
             .boots
             .iter()
@@ -1017,7 +1022,7 @@ mod tests {
 
     #[test]
     fn a_clean_report_passes() {
-        let plan = plan(9, 0, &[]);
+        let plan = plan(9, 0, &[], &[]);
         let steps = plan
             .boots
             .iter()
