@@ -93,8 +93,8 @@ pub struct Tally {
     pub skipped: u64,
     /// `(binary label, test name, reason)` of every skip seen.
     pub skips: Vec<(String, String, String)>,
-    /// The nested runner's retry lines: a boot of the test host that froze and was booted
-    /// again. Kept apart from test failures.
+    /// The nested runner's retry lines: a boot of the test host that froze, or ended without
+    /// its result, and was booted again. Kept apart from test failures.
     pub frozen_retries: Vec<String>,
 }
 
@@ -269,7 +269,7 @@ pub fn run(workspace: &Path) -> Result<()> {
     for (tier, tally) in &tiers {
         if tier == &Tier::KvmNested {
             println!(
-                "frozen test host, booted again (not test failures): {}",
+                "test host lost (frozen, or ended without its result) and booted again, not test failures: {}",
                 tally.frozen_retries.len()
             );
             for retry in &tally.frozen_retries {

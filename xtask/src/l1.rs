@@ -98,8 +98,7 @@ pub struct MachineOptions {
     pub freeze_retries: u32,
     /// Whether an L1 that ends without reporting its result (its kernel died or QEMU
     /// exited) counts as a lost test host, booted again like a frozen one within
-    /// `freeze_retries`, instead of failing the run. Only the soak, which counts such
-    /// losses, sets it.
+    /// `freeze_retries`, instead of failing the run at once.
     pub retry_ended: bool,
 }
 
@@ -108,8 +107,11 @@ impl MachineOptions {
     /// boot. The silence limit of 60 s is 30 heartbeats: healthy runs show at most a few
     /// seconds between signs of life (the boot up to `/init`, about 3 s; up to 6.5 s with
     /// the machine busy), and a step that is merely quiet does not stop the heartbeat. Before
-    /// the first heartbeat 120 s: under load the quiet kernel boot alone has gone past 15 s. A step may take 600 s, which is more than
-    /// ten times the slowest test binary measured in L1. Two retries after a freeze.
+    /// the first heartbeat 120 s: under load the quiet kernel boot alone has gone past 15 s.
+    /// A step may take 600 s, which is more than ten times the slowest test binary measured
+    /// in L1. Two retries after a freeze or after an L1 that ended without its result (the
+    /// emulated host's kernel can die while it runs a guest, e.g. of a kernel stack overflow
+    /// in its exception entry).
     pub const DEFAULT: Self = Self {
         smp: 2,
         mem_mib: 2048,
@@ -118,7 +120,7 @@ impl MachineOptions {
         boot_silence: Duration::from_secs(120),
         step_timeout: Duration::from_secs(600),
         freeze_retries: 2,
-        retry_ended: false,
+        retry_ended: true,
     };
 }
 

@@ -571,7 +571,6 @@ pub fn run(workspace: &Path, cache_dir: &Path, args: &SoakArgs) -> Result<SoakRe
     let env = vec![("REQUIRE_KVM".to_owned(), "1".to_owned())];
     let mut options = args.host.machine();
     options.freeze_retries = args.max_freezes;
-    options.retry_ended = true;
     // One L1 boot runs the whole soak: its limit is what the steps may take in all.
     options.timeout = options.timeout.max(Duration::from_secs(
         u64::from(args.boots) * 120 + u64::from(args.test_runs) * 600,
