@@ -770,6 +770,50 @@ fn expect_boot(name: &str, cpus: u32, message: &str) -> Result<(), Failed> {
     Ok(())
 }
 
+/// The script's `early_tf` check, run by `sh` on a saved output and exit status: whether the
+/// scenario would be run again.
+fn early_triple_fault(output: &str, rc: i32) -> Result<bool, Failed> {
+    let dir = scratch();
+    let out = dir.join("early_tf.out");
+    std::fs::write(&out, output)?;
+    let function = SCRIPT
+        .lines()
+        .find(|l| l.starts_with("early_tf() {"))
+        .ok_or("no early_tf in the script")?
+        .replace("/tmp/out", &out.display().to_string());
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{function}\nearly_tf {rc}"))
+        .status()?;
+    Ok(status.success())
+}
+
+fn script_trials() -> Vec<Trial> {
+    vec![Trial::test(
+        "script::only_a_triple_fault_before_marker_or_panic_is_run_again",
+        || {
+            let tf = "vmm-reference: guest triple fault on vCPU 0 (no registers of the fault)";
+            let cases = [
+                (format!("[ 0.2] kvm: x\n{tf}\n"), 3, true),
+                (format!("{MARKER} cpus=1 uptime=5\n{tf}\n"), 3, false),
+                (format!("Kernel panic - not syncing: x\n{tf}\n"), 3, false),
+                (format!("{tf}\n"), 0, false),
+                (
+                    "vmm-reference: guest halted for good\n".to_owned(),
+                    3,
+                    false,
+                ),
+            ];
+            for (output, rc, want) in cases {
+                if early_triple_fault(&output, rc)? != want {
+                    return Err(format!("rc {rc}, output {output:?}: want retry {want}").into());
+                }
+            }
+            Ok(())
+        },
+    )]
+}
+
 fn nested_trials() -> Vec<Trial> {
     let qemu = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").exists()))
@@ -805,6 +849,7 @@ fn main() {
     args.test_threads = Some(1);
     let mut trials = bad_input_trials();
     trials.push(software_kvm_trial());
+    trials.extend(script_trials());
     trials.extend(nested_trials());
     libtest_mimic::run(&args, trials).exit();
 }
