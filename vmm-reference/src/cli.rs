@@ -72,7 +72,7 @@ pub struct BootArgs {
     #[arg(long)]
     pub profile: bool,
     /// Back guest RAM with transparent huge pages (on) or 4 KiB pages only (off)
-    /// [default: off].
+    /// [default: on].
     #[arg(long, value_enum)]
     pub huge_pages: Option<HugePages>,
     /// Run without the per-thread seccomp filters (to debug a forbidden syscall, which

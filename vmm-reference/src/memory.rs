@@ -57,12 +57,11 @@ pub enum HugePages {
     /// `madvise(MADV_HUGEPAGE)`: transparent huge pages wherever the host allows them
     /// (`/sys/kernel/mm/transparent_hugepage/enabled` set to `always` or `madvise`). A guest
     /// boots faster, most of all in a nested host, where every 4 KiB page the guest touches
-    /// first costs a nested-paging fault through both hypervisors.
-    On,
-    /// `madvise(MADV_NOHUGEPAGE)`: 4 KiB pages only, even where the host default is `always`.
-    /// The default: a few MiB less resident memory for a slower boot, and the configuration
-    /// the nested test host has run stably.
+    /// first costs a nested-paging fault through both hypervisors. The default.
     #[default]
+    On,
+    /// `madvise(MADV_NOHUGEPAGE)`: 4 KiB pages only, even where the host default is `always`:
+    /// a few MiB less resident memory for a slower boot.
     Off,
 }
 

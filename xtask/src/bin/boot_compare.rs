@@ -130,9 +130,9 @@ impl Vmm {
 
     fn label(self) -> &'static str {
         match self {
-            Vmm::OursBzimage => "vmm-reference, bzImage, THP on",
-            Vmm::OursPvh => "vmm-reference, PVH, THP on",
-            Vmm::OursPvh4k => "vmm-reference, PVH, THP off (default)",
+            Vmm::OursBzimage => "vmm-reference, bzImage, THP on (default)",
+            Vmm::OursPvh => "vmm-reference, PVH, THP on (default)",
+            Vmm::OursPvh4k => "vmm-reference, PVH, THP off",
             Vmm::QemuBzimage => "QEMU microvm, bzImage",
             Vmm::QemuPvh => "QEMU microvm, PVH",
         }
@@ -930,7 +930,7 @@ mod tests {
         let out = summarize(std::slice::from_ref(&good)).expect("summary");
         assert!(out.starts_with("2 runs over 2 boots"), "{out}");
         assert!(
-            out.contains("| vmm-reference, bzImage, THP on | 1 (0) | 10 | 10 |"),
+            out.contains("| vmm-reference, bzImage, THP on (default) | 1 (0) | 10 | 10 |"),
             "{out}"
         );
         // One boot with both VMMs: 10/20; the empty second boot is left out.
