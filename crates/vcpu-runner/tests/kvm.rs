@@ -417,7 +417,16 @@ fn pause_completes_in_flight_port_io(kvm: &Kvm) -> TestResult {
     let handle = thread.handle().clone();
     handle.resume()?;
     let (mut at_in, mut elsewhere) = (0u32, 0u32);
-    for _ in 0..2000 / CYCLE_DIVISOR {
+    // At least CYCLES pauses, more (up to ten times as many) until one has landed away from
+    // the `in`: where the vCPU thread is slow (tarpaulin's ptrace), a pause sent right after
+    // the resume nearly always finds it handling the first `in`, so the guest also gets a
+    // growing moment to run before the pause.
+    const CYCLES: u32 = 2000 / CYCLE_DIVISOR;
+    for cycle in 0..CYCLES * 10 {
+        if cycle >= CYCLES && elsewhere > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(u64::from(cycle % 8) * 100));
         handle.pause(Duration::from_secs(5))?;
         let (rip, reads) = handle.run_on_vcpu(
             |ctx| {
