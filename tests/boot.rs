@@ -444,10 +444,16 @@ for sig in HUP QUIT INT USR1; do
   sleep 4; kill -$sig $pid; wait $pid
   echo "=== END signal_$sig rc=$?"
 done
-# SIGTERM while the VM is still being built (the handlers are in place from main() on).
+# SIGTERM while the VM is still being built (the handlers are in place from main() on): sent
+# as soon as the VMM catches SIGTERM (bit 15 of SigCgt), well before the guest runs.
 echo "=== BEGIN term_early"
 /bin/vmm-reference boot $G --cmdline "$C" </dev/null & pid=$!
-sleep 0.3; kill -TERM $pid; wait $pid
+n=0; while [ $n -lt 500 ]; do
+  c=$(sed -n 's/^SigCgt:[[:space:]]*//p' /proc/$pid/status 2>/dev/null)
+  [ -n "$c" ] && [ $(( 0x$c & 0x4000 )) -ne 0 ] && break
+  sleep 0.01; n=$((n+1))
+done
+kill -TERM $pid; wait $pid
 echo "=== END term_early rc=$?"
 # SIGTERM while the console is blocked: a guest flooding a pipe nobody reads.
 echo "=== BEGIN term_blocked"
