@@ -315,6 +315,16 @@ struct Output {
     stderr: String,
 }
 
+impl From<std::process::Output> for Output {
+    fn from(out: std::process::Output) -> Self {
+        Output {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 fn spawn_child(scenario: &str, stdin: Stdio) -> io::Result<std::process::Child> {
     Command::new(std::env::current_exe()?)
         .env(SCENARIO, scenario)
@@ -328,11 +338,7 @@ fn run_child(scenario: &str, stdin: Stdio) -> Result<Output, Failed> {
     let out = spawn_child(scenario, stdin)
         .and_then(|c| c.wait_with_output())
         .map_err(|e| format!("child {scenario}: {e}"))?;
-    Ok(Output {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
+    Ok(out.into())
 }
 
 fn expect_report(out: &Output, thread: &str, syscall: &str) -> Result<(), Failed> {
@@ -494,11 +500,7 @@ fn tests() -> Vec<Trial> {
                 // SAFETY: as above.
                 unsafe { libc::kill(pid, libc::SIGCONT) };
                 let out = child.wait_with_output().map_err(|e| e.to_string())?;
-                let out = Output {
-                    status: out.status,
-                    stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                    stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-                };
+                let out = Output::from(out);
                 expect_success(&out)?;
                 if !out.stderr.contains("wait ended") {
                     return Err(format!("the wait never ended:\n{}", out.stderr).into());
@@ -514,11 +516,7 @@ fn tests() -> Vec<Trial> {
             stdin.write_all(&input).map_err(|e| e.to_string())?;
         }
         let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        let out = Output {
-            status: out.status,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
+        let out = Output::from(out);
         expect_success(&out)?;
         if out.stdout.trim_end() != String::from_utf8_lossy(&input) {
             return Err(format!("the UART got {:?}", out.stdout).into());
