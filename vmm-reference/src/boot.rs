@@ -148,6 +148,17 @@ pub struct LoadedKernel {
     initramfs: Option<InitramfsPlacement>,
 }
 
+impl LoadedKernel {
+    /// Where the loaded kernel image lies in guest memory: from 1 MiB (the lowest a kernel is
+    /// loaded here) to the end of its last segment. Nothing else is written into it.
+    pub fn image_range(&self) -> (GuestAddress, GuestAddress) {
+        (
+            GuestAddress(HIMEM_START),
+            GuestAddress(self.loaded.kernel_end.max(HIMEM_START)),
+        )
+    }
+}
+
 /// Loads the kernel (linux-loader's bzImage or ELF loader), writes its command line and
 /// places the initramfs above everything the kernel occupies while it starts.
 ///

@@ -3,7 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::{MmapRegion, MmapRegionError};
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionCollectionError, GuestRegionMmap};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionCollectionError, GuestRegionMmap,
+};
 
 use crate::sys::{E820_RAM, E820_RESERVED, EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
 
@@ -122,6 +125,8 @@ pub const HUGE_PAGE: u64 = 2 << 20;
 #[derive(Debug)]
 pub struct GuestRam {
     memory: GuestMemoryMmap,
+    /// The unit in which the host backs guest RAM: 2 MiB with huge pages, else 4 KiB.
+    block: u64,
     // Declared after `memory`, so dropped after it: the regions point into these mappings.
     _backing: Vec<MmapRegion>,
 }
@@ -131,6 +136,69 @@ impl GuestRam {
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
     }
+
+    /// Gives back to the host every block of guest RAM inside `start .. start + len` that
+    /// holds only zeros (a block is what backs guest RAM: a 2 MiB huge page, or a 4 KiB page
+    /// with huge pages off), and returns how many bytes that was. A released block reads as
+    /// zeros again and costs memory only once the guest touches it.
+    ///
+    /// This is for the zeros a loader copied from a file: an ELF kernel's segments carry
+    /// `.bss` and alignment padding as zeros in the file, and writing them made the host back
+    /// blocks the guest may never touch. Call it only while nothing else (no vCPU, no other
+    /// thread) writes the range, or a write that lands between the check and the release is
+    /// lost.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Madvise`] if the host refused `MADV_DONTNEED`.
+    pub fn release_zero_blocks(&self, start: GuestAddress, len: u64) -> Result<u64> {
+        let end = start.0.saturating_add(len);
+        let mut released = 0;
+        for region in self.memory.iter() {
+            let base = region.start_addr().0;
+            let first = start.0.max(base).next_multiple_of(self.block);
+            let last = end.min(base + region.len());
+            let mut block = first;
+            while block.saturating_add(self.block) <= last {
+                let offset = (block - base) as usize;
+                // `block .. block + self.block` lies inside the region, so the pointer
+                // arithmetic stays inside its mapping.
+                let host = region.as_ptr().wrapping_add(offset);
+                if is_zero(host, self.block as usize) {
+                    // SAFETY: the range is inside this region's live private anonymous
+                    // mapping, block-aligned on the host as in the guest; MADV_DONTNEED only
+                    // drops pages that hold zeros, which read back as zeros.
+                    let rc = unsafe {
+                        libc::madvise(
+                            host.cast::<libc::c_void>(),
+                            self.block as usize,
+                            libc::MADV_DONTNEED,
+                        )
+                    };
+                    if rc != 0 {
+                        return Err(Error::Madvise {
+                            advice: "MADV_DONTNEED",
+                            len: self.block,
+                            source: std::io::Error::last_os_error(),
+                        });
+                    }
+                    released += self.block;
+                }
+                block += self.block;
+            }
+        }
+        Ok(released)
+    }
+}
+
+/// Whether the `len` bytes at `host` (inside a live guest RAM mapping, 8-byte aligned, `len` a
+/// multiple of 8) are all zero. Volatile reads: it is guest memory.
+fn is_zero(host: *const u8, len: usize) -> bool {
+    let words = host.cast::<u64>();
+    (0..len / 8).all(|i| {
+        // SAFETY: `i * 8 + 8 <= len`, inside the mapping the caller names; aligned.
+        unsafe { std::ptr::read_volatile(words.add(i)) == 0 }
+    })
 }
 
 /// Maps guest memory for `mem_bytes` (anonymous, private, `MAP_NORESERVE`, 2 MiB-aligned as
@@ -193,6 +261,10 @@ pub fn create_guest_memory(mem_bytes: u64, huge_pages: HugePages) -> Result<Gues
     let memory = GuestMemoryMmap::from_regions(regions).map_err(Error::Regions)?;
     Ok(GuestRam {
         memory,
+        block: match huge_pages {
+            HugePages::On => HUGE_PAGE,
+            HugePages::Off => 4096,
+        },
         _backing: backing,
     })
 }
@@ -231,7 +303,7 @@ pub fn e820_map(mem_bytes: u64) -> Vec<E820Entry> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    use vm_memory::Bytes;
 
     /// The `VmFlags` of the smaps entry of the mapping that starts at `addr`.
     fn vm_flags(addr: u64) -> String {
@@ -293,6 +365,56 @@ mod tests {
             let last = GuestAddress((mib << 20) - 1 + if mib > 3072 { 1 << 30 } else { 0 });
             ram.memory().write_obj(0xa5u8, last).unwrap();
             assert_eq!(ram.memory().read_obj::<u8>(last).unwrap(), 0xa5);
+        }
+    }
+
+    /// Whether the page at `addr` is resident, from mincore(2).
+    fn resident(addr: *const u8) -> bool {
+        let mut vec = 0u8;
+        // SAFETY: one page of a live mapping; mincore writes one byte into `vec`.
+        let rc =
+            unsafe { libc::mincore((addr as usize & !4095) as *mut libc::c_void, 4096, &mut vec) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        vec & 1 == 1
+    }
+
+    #[test]
+    fn only_blocks_that_hold_nothing_but_zeros_are_released() {
+        for (huge, block) in [(HugePages::On, HUGE_PAGE), (HugePages::Off, 4096)] {
+            let ram = create_guest_memory(64 << 20, huge).unwrap();
+            let mem = ram.memory();
+            let at = |n: u64| GuestAddress((16 << 20) + n * block);
+            // Blocks 0..4 written: data, zeros, zeros with one byte at the end, zeros.
+            mem.write_slice(&vec![0x5a; block as usize], at(0)).unwrap();
+            mem.write_slice(&vec![0; block as usize], at(1)).unwrap();
+            mem.write_slice(&vec![0; block as usize], at(2)).unwrap();
+            mem.write_obj(1u8, GuestAddress(at(3).0 - 1)).unwrap();
+            mem.write_slice(&vec![0; block as usize], at(3)).unwrap();
+            let host = |a: GuestAddress| mem.get_host_address(a).unwrap() as *const u8;
+            for n in 0..4 {
+                assert!(resident(host(at(n))), "{huge:?}: block {n} not resident");
+            }
+            // A range that starts inside block 0 and ends inside block 3: only whole blocks.
+            let released = ram
+                .release_zero_blocks(GuestAddress(at(0).0 + 8), 3 * block + 8)
+                .unwrap();
+            assert_eq!(
+                released, block,
+                "{huge:?}: only block 1 is all zeros and whole"
+            );
+            assert!(resident(host(at(0))), "{huge:?}: data released");
+            assert!(!resident(host(at(1))), "{huge:?}: zeros kept");
+            assert!(
+                resident(host(at(2))),
+                "{huge:?}: the non-zero byte's block released"
+            );
+            assert!(
+                resident(host(at(3))),
+                "{huge:?}: block 3 is only partly in the range"
+            );
+            assert_eq!(mem.read_obj::<u64>(at(1)).unwrap(), 0);
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(at(3).0 - 1)).unwrap(), 1);
+            assert_eq!(mem.read_obj::<u8>(at(0)).unwrap(), 0x5a);
         }
     }
 

@@ -27,11 +27,19 @@ const MAPPING_ROWS: usize = 8;
 #[derive(Debug, Clone)]
 pub struct BootProfile(Arc<Inner>);
 
+/// A build step: where it began (`None`: where the previous sequential step ended) and ended.
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    name: &'static str,
+    began: Option<Instant>,
+    ended: Instant,
+}
+
 #[derive(Debug)]
 struct Inner {
     started: Instant,
     age_at_start: Option<Duration>,
-    steps: Mutex<Vec<(&'static str, Instant)>>,
+    steps: Mutex<Vec<Step>>,
     vcpus: Mutex<Vec<ProfileSlot>>,
     first_console_byte: OnceLock<Option<Instant>>,
     ended: OnceLock<Instant>,
@@ -54,7 +62,21 @@ impl BootProfile {
 
     /// Notes that build step `step` ended now.
     pub fn step_done(&self, step: &'static str) {
-        lock(&self.0.steps).push((step, Instant::now()));
+        lock(&self.0.steps).push(Step {
+            name: step,
+            began: None,
+            ended: Instant::now(),
+        });
+    }
+
+    /// Records that `step`, which ran beside the sequential ones (on a thread of its own), began
+    /// at `began` and ended now.
+    pub fn parallel_step_done(&self, step: &'static str, began: Instant) {
+        lock(&self.0.steps).push(Step {
+            name: step,
+            began: Some(began),
+            ended: Instant::now(),
+        });
     }
 
     /// A new slot for the next vCPU's exit profile.
@@ -260,16 +282,26 @@ impl fmt::Display for BootProfile {
             )?,
             None => writeln!(f, "  process start -> main: unknown")?,
         }
-        let steps = lock(&self.0.steps).clone();
+        let mut steps = lock(&self.0.steps).clone();
+        steps.sort_by_key(|s| s.ended);
         let mut previous = self.0.started;
-        for (step, at) in steps {
+        for step in steps {
+            let began = step.began.unwrap_or(previous);
             writeln!(
                 f,
-                "  {step:<28} done at {:>9.3}  ({:.3})",
-                ms(at),
-                at.saturating_duration_since(previous).as_secs_f64() * 1e3
+                "  {:<28} done at {:>9.3}  ({:.3}{})",
+                step.name,
+                ms(step.ended),
+                step.ended.saturating_duration_since(began).as_secs_f64() * 1e3,
+                if step.began.is_some() {
+                    ", in parallel"
+                } else {
+                    ""
+                }
             )?;
-            previous = at;
+            if step.began.is_none() {
+                previous = step.ended;
+            }
         }
         let profiles = self.exit_profiles();
         for (index, profile) in profiles.iter().enumerate() {
@@ -393,7 +425,10 @@ VmFlags: rd wr mr mw me gd ac
     #[test]
     fn report_lists_steps_vcpus_console_and_memory() {
         let p = BootProfile::new(Instant::now());
+        let loader = Instant::now();
+        std::thread::sleep(Duration::from_millis(4));
         p.step_done("create_vm");
+        p.parallel_step_done("load_kernel", loader);
         let slot = p.vcpu_slot();
         let mut exits = ExitProfile::default();
         exits.entering(Instant::now());
@@ -411,6 +446,7 @@ VmFlags: rd wr mr mw me gd ac
         for needle in [
             "process start -> main",
             "create_vm",
+            ", in parallel)",
             "vCPU 0 first KVM_RUN",
             "vCPU 1 never ran",
             "first console byte",
@@ -419,5 +455,13 @@ VmFlags: rd wr mr mw me gd ac
         ] {
             assert!(text.contains(needle), "{needle:?} missing in\n{text}");
         }
+        // A parallel step's time counts from its own start, not from the step listed before.
+        let line = text.lines().find(|l| l.contains("load_kernel")).unwrap();
+        let took: f64 = line
+            .rsplit_once('(')
+            .and_then(|(_, t)| t.split_once(','))
+            .and_then(|(t, _)| t.parse().ok())
+            .unwrap_or_else(|| panic!("no time in {line:?}"));
+        assert!(took >= 4.0, "{line:?}");
     }
 }

@@ -1,17 +1,20 @@
 //! Builds a VM from a [`ValidConfig`] by composing the workspace crates, runs it, and says how
 //! it ended.
 //!
-//! [`Vmm::build`] is a recipe of named steps, each needing the previous ones, each failing
-//! with its own [`Error`] variant:
+//! [`Vmm::build`] is a recipe of named steps, each failing with its own [`Error`] variant and
+//! each needing the ones before it, except step 5, which runs beside the others:
 //! 1. `open_kvm`: `/dev/kvm`, a vendor module behind it, room for the vCPUs;
 //!    `xstate_permission`: the XSTATE guest permission ([`xstate_perm::GuestPermission`]),
 //!    which must be settled before the first vCPU and is the proof that creates vCPUs;
 //! 2. `create_vm`: the VM as a [`vm_types::TypedVm`] (default type), whose handle carries
 //!    the type to every vCPU and register cache;
-//! 3. `create_memory`: guest memory and its KVM slots;
+//! 3. guest memory (mapped first), then its KVM slots;
 //! 4. `create_interrupt_controllers`: TSS, the in-kernel irqchip (PIC, I/O APIC, local
 //!    APICs) and PIT;
-//! 5. [`boot::load_kernel`]: kernel, command line, initramfs (linux-loader);
+//! 5. [`boot::load_kernel`]: kernel, command line, initramfs (linux-loader), on a thread of
+//!    its own while steps 1, 2, 3 (slots), 4 and 7 run; blocks of guest RAM that the kernel
+//!    image only filled with zeros go back to the host
+//!    ([`GuestRam::release_zero_blocks`]);
 //! 6. [`boot::write_platform_tables`]: ACPI and MP tables, boot page tables and GDT, reset
 //!    vector, and the zero page or PVH start info (linux-loader's configurators);
 //! 7. `Devices::attach`: devices on the port I/O bus, COM1's interrupt eventfd bound to
@@ -51,7 +54,7 @@ use crate::devices::pvpanic::PvPanic;
 use crate::devices::rtc::CmosRtc;
 use crate::devices::serial::{self, ConsoleOut, ConsoleOutput, SerialConsole};
 use crate::devices::{GuestEnd, GuestRequest};
-use crate::memory::{GuestRam, HugePages};
+use crate::memory::GuestRam;
 use crate::profile::BootProfile;
 use crate::regs::{self, EntryPoint};
 use crate::seccomp::{self, ThreadKind};
@@ -186,6 +189,9 @@ pub enum Error {
     /// The console output thread could not start.
     #[error("cannot start the console output thread")]
     ConsoleOutput(#[source] serial::Error),
+    /// The thread that loads the kernel could not start.
+    #[error("cannot start the kernel loader thread")]
+    LoaderThread(#[source] io::Error),
     /// The console input thread could not start.
     #[error("cannot start the console input thread")]
     ConsoleInput(#[source] serial::Error),
@@ -406,21 +412,48 @@ impl Vmm {
             }
         };
         let c = cfg.config();
-        let kvm = open_kvm(c.vcpus)?;
-        let permission = xstate_permission(&SystemHost::new(&kvm), c.amx)?;
-        step("open_kvm, xstate permission");
-        let vm = create_vm(&kvm)?;
-        step("create_vm");
-        let mem = create_memory(&vm, cfg.mem_bytes(), c.huge_pages)?;
+        let mem =
+            memory::create_guest_memory(cfg.mem_bytes(), c.huge_pages).map_err(Error::Memory)?;
         step("create_memory");
-        create_interrupt_controllers(&vm)?;
-        step("interrupt controllers");
-        let kernel = boot::load_kernel(mem.memory(), cfg)?;
-        step("load_kernel, initramfs");
+        // The kernel and initramfs are read into guest memory on a thread of their own while
+        // this one asks KVM for the VM and its devices: neither needs the other until the
+        // platform tables, and in a nested host each takes a good part of the start.
+        let (kernel, vm, devices, kvm, permission) = std::thread::scope(|scope| {
+            let loader = std::thread::Builder::new()
+                .name("kernel loader".into())
+                .spawn_scoped(scope, || {
+                    let began = Instant::now();
+                    let kernel = load_kernel(&mem, cfg);
+                    if let Some(p) = profile {
+                        p.parallel_step_done("load_kernel, initramfs", began);
+                    }
+                    kernel
+                })
+                .map_err(Error::LoaderThread)?;
+            let built = (|| -> Result<_> {
+                let kvm = open_kvm(c.vcpus)?;
+                let permission = xstate_permission(&SystemHost::new(&kvm), c.amx)?;
+                step("open_kvm, xstate permission");
+                let vm = create_vm(&kvm)?;
+                step("create_vm");
+                add_memory_slots(&vm, &mem)?;
+                step("memory slots");
+                create_interrupt_controllers(&vm)?;
+                step("interrupt controllers");
+                let devices = Devices::attach(&vm, out, c.seccomp)?;
+                step("devices");
+                Ok((vm, devices, kvm, permission))
+            })();
+            // The loader ends on its own (it only reads files into memory); an error here
+            // waits for it, then wins.
+            let kernel = loader
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let (vm, devices, kvm, permission) = built?;
+            Ok::<_, Error>((kernel?, vm, devices, kvm, permission))
+        })?;
         let entry = boot::write_platform_tables(mem.memory(), cfg, &kernel)?;
         step("platform tables");
-        let devices = Devices::attach(&vm, out, c.seccomp)?;
-        step("devices");
         let mut vcpus = create_vcpus(&kvm, &vm, &permission, cfg, entry, &devices.buses)?;
         if let Some(p) = profile {
             vcpus = vcpus
@@ -479,10 +512,8 @@ fn create_vm(kvm: &Kvm) -> Result<TypedVm> {
     TypedVm::create(kvm, VmType::Default).map_err(Error::CreateVm)
 }
 
-/// Guest memory for `bytes` of RAM (the 32-bit MMIO gap left out), one KVM memory slot per
-/// region.
-fn create_memory(vm: &TypedVm, bytes: u64, huge_pages: HugePages) -> Result<GuestRam> {
-    let mem = memory::create_guest_memory(bytes, huge_pages)?;
+/// One KVM memory slot per region of `mem`.
+fn add_memory_slots(vm: &TypedVm, mem: &GuestRam) -> Result<()> {
     for (slot, region) in mem.memory().iter().enumerate() {
         let slot = slot as u32;
         let region_desc = kvm_userspace_memory_region {
@@ -497,7 +528,17 @@ fn create_memory(vm: &TypedVm, bytes: u64, huge_pages: HugePages) -> Result<Gues
         unsafe { vm.fd().set_user_memory_region(region_desc) }
             .map_err(|source| Error::MemorySlot { slot, source })?;
     }
-    Ok(mem)
+    Ok(())
+}
+
+/// The kernel, command line and initramfs in guest memory ([`boot::load_kernel`]), with the
+/// blocks of guest RAM that the kernel image only filled with zeros given back to the host.
+fn load_kernel(mem: &GuestRam, cfg: &ValidConfig) -> Result<boot::LoadedKernel> {
+    let kernel = boot::load_kernel(mem.memory(), cfg)?;
+    let (start, end) = kernel.image_range();
+    mem.release_zero_blocks(start, end.0.saturating_sub(start.0))
+        .map_err(Error::Memory)?;
+    Ok(kernel)
 }
 
 /// The TSS region VMX needs, the in-kernel irqchip (PICs, I/O APIC, local APICs) with both

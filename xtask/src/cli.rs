@@ -45,6 +45,14 @@ pub enum Task {
     /// Boot the reference VMM's default guest: installs what is missing first (as root),
     /// then boots directly on a VMX/SVM host, inside the nested test host otherwise.
     Demo(DemoArgs),
+    /// Build the reference VMM as it ships: release, statically linked (glibc's libc.a; no
+    /// dynamic loader, no shared libc mapped), and print the binary's path.
+    ///
+    /// `cargo rustc` gives `-C target-feature=+crt-static` to the binary alone, so the
+    /// proc-macros it uses still build as shared objects and the path stays
+    /// `target/release/vmm-reference`. A later plain `cargo build --release` relinks it
+    /// dynamically.
+    BuildVmm,
     /// Install what the nested test host, the demo and CI need (Debian packages; as root).
     Setup,
     /// Build and unit-test the publishable crates against the lowest dependency versions

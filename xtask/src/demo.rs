@@ -5,7 +5,7 @@
 //! virtualization (VMX or SVM in `/proc/cpuinfo` and `kvm_intel`/`kvm_amd` loaded), otherwise
 //! inside the nested kvm-amd test host. The guest console is shown through to the marker line.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::cli::DemoArgs;
@@ -58,6 +58,38 @@ pub enum Error {
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The arguments of `cargo` that build the reference VMM as it ships: release, with glibc
+/// linked statically into the binary alone (`cargo rustc` passes the flag to the final crate
+/// only; `RUSTFLAGS` would reach the proc-macros too, which cannot link statically).
+pub const BUILD_VMM_ARGS: [&str; 10] = [
+    "rustc",
+    "--release",
+    "--locked",
+    "--package",
+    "vmm-reference",
+    "--bin",
+    "vmm-reference",
+    "--",
+    "-C",
+    "target-feature=+crt-static",
+];
+
+/// Builds the reference VMM as it ships ([`BUILD_VMM_ARGS`]) and returns the binary's path.
+///
+/// # Errors
+///
+/// [`Error::Build`] if cargo failed.
+pub fn build_vmm(workspace: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    command::output(
+        Command::new(cargo)
+            .current_dir(workspace)
+            .args(BUILD_VMM_ARGS),
+    )
+    .map_err(Error::Build)?;
+    Ok(workspace.join("target/release/vmm-reference"))
+}
+
 /// Whether this host can run the guest directly: VMX or SVM in the CPU flags and the matching
 /// KVM vendor module loaded (a PVM- or TCG-backed `/dev/kvm` cannot boot a stock kernel).
 pub fn host_has_hardware_virt(cpuinfo: &str, module_loaded: impl Fn(&str) -> bool) -> bool {
@@ -102,17 +134,8 @@ pub fn run(workspace: &Path, cache_dir: &Path, args: &DemoArgs) -> Result<u8> {
         )
     };
     let initramfs = guest::cached_initramfs(cache_dir, Path::new(l1::BUSYBOX))?;
-    println!("demo: building vmm-reference (release)");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    command::output(Command::new(cargo).current_dir(workspace).args([
-        "build",
-        "--release",
-        "--locked",
-        "--package",
-        "vmm-reference",
-    ]))
-    .map_err(Error::Build)?;
-    let vmm = workspace.join("target/release/vmm-reference");
+    println!("demo: building vmm-reference (release, static)");
+    let vmm = build_vmm(workspace)?;
 
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let direct = !args.nested

@@ -48,6 +48,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
+        Task::BuildVmm => match demo::build_vmm(&xtask::workspace_root()) {
+            Ok(path) => {
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
         Task::Demo(args) => match demo::run(&xtask::workspace_root(), &cache_dir, &args) {
             Ok(rc) => ExitCode::from(rc),
             Err(e) => fail(&e),
