@@ -45,6 +45,7 @@ pub mod protocol;
 pub mod qemu;
 pub mod scratch;
 pub mod setup;
+pub mod tiny_guest;
 pub mod vmlinux;
 
 /// Environment variable that overrides [`cache_dir`].

@@ -51,6 +51,15 @@ enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The tiny guest could not be written.
+    #[error("cannot write the tiny guest to {}", path.display())]
+    WriteTiny {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// `wait4(2)` failed.
     #[error("wait4 on the {vmm} process failed")]
     Wait {
@@ -98,23 +107,31 @@ enum Vmm {
     QemuBzimage,
     /// QEMU microvm, ELF vmlinux through PVH.
     QemuPvh,
+    /// vmm-reference, the tiny PVH guest of [`xtask::tiny_guest`] (prints the marker, no
+    /// Linux): what the VMM costs before any guest work.
+    OursTiny,
+    /// QEMU microvm, the same tiny guest.
+    QemuTiny,
 }
 
 /// Every variant, in table order.
-const VARIANTS: [Vmm; 5] = [
+const VARIANTS: [Vmm; 7] = [
     Vmm::OursBzimage,
     Vmm::OursPvh,
     Vmm::OursPvh4k,
     Vmm::QemuBzimage,
     Vmm::QemuPvh,
+    Vmm::OursTiny,
+    Vmm::QemuTiny,
 ];
 
 /// Pairs whose ratios the summary prints: same boot path, and each VMM's fastest path.
-const PAIRS: [(Vmm, Vmm); 4] = [
+const PAIRS: [(Vmm, Vmm); 5] = [
     (Vmm::OursBzimage, Vmm::QemuBzimage),
     (Vmm::OursPvh, Vmm::QemuPvh),
     (Vmm::OursPvh4k, Vmm::QemuPvh),
     (Vmm::OursPvh, Vmm::QemuBzimage),
+    (Vmm::OursTiny, Vmm::QemuTiny),
 ];
 
 impl Vmm {
@@ -125,6 +142,8 @@ impl Vmm {
             Vmm::OursPvh4k => "ours-pvh-4k",
             Vmm::QemuBzimage => "qemu-bzimage",
             Vmm::QemuPvh => "qemu-pvh",
+            Vmm::OursTiny => "ours-tiny",
+            Vmm::QemuTiny => "qemu-tiny",
         }
     }
 
@@ -135,11 +154,21 @@ impl Vmm {
             Vmm::OursPvh4k => "vmm-reference, PVH, THP off",
             Vmm::QemuBzimage => "QEMU microvm, bzImage",
             Vmm::QemuPvh => "QEMU microvm, PVH",
+            Vmm::OursTiny => "vmm-reference, tiny PVH guest (no Linux)",
+            Vmm::QemuTiny => "QEMU microvm, tiny PVH guest (no Linux)",
         }
     }
 
     fn is_ours(self) -> bool {
-        matches!(self, Vmm::OursBzimage | Vmm::OursPvh | Vmm::OursPvh4k)
+        matches!(
+            self,
+            Vmm::OursBzimage | Vmm::OursPvh | Vmm::OursPvh4k | Vmm::OursTiny
+        )
+    }
+
+    /// The tiny guest instead of Linux.
+    fn is_tiny(self) -> bool {
+        matches!(self, Vmm::OursTiny | Vmm::QemuTiny)
     }
 
     fn pvh(self) -> bool {
@@ -199,6 +228,9 @@ struct RunArgs {
     /// The same kernel as an ELF vmlinux with a PVH note (`cargo xtask nested-kernel --vmlinux`).
     #[arg(long, default_value = "/data/vmlinux")]
     vmlinux: PathBuf,
+    /// Where the tiny guest ([`xtask::tiny_guest`]) is written before the first run.
+    #[arg(long, default_value = "/tmp/tiny-pvh.elf")]
+    tiny: PathBuf,
     /// Guest initramfs (the vmm-reference default one: it prints the marker).
     #[arg(long, default_value = "/data/initramfs.cpio")]
     initramfs: PathBuf,
@@ -402,6 +434,32 @@ fn stats(records: &[RunRecord], vmm: Vmm) -> Option<Stats> {
     })
 }
 
+/// What is left of each VMM's PVH boot once its tiny-guest boot (the VMM's fixed cost) is taken
+/// off, by median: the guest's own work plus loading its kernel. Empty without those runs.
+fn guest_share(all: &[(Vmm, Stats)]) -> String {
+    let median = |v: Vmm| {
+        all.iter()
+            .find(|(w, _)| *w == v)
+            .map(|(_, s)| s.boot_median_ms)
+    };
+    let (Some(op), Some(ot), Some(qp), Some(qt)) = (
+        median(Vmm::OursPvh),
+        median(Vmm::OursTiny),
+        median(Vmm::QemuPvh),
+        median(Vmm::QemuTiny),
+    ) else {
+        return String::new();
+    };
+    format!(
+        "\nPVH boot, median, split at the tiny guest's median (the VMM's fixed cost): \
+         ours {ot:.0} + {:.0} ms, QEMU {qt:.0} + {:.0} ms; the rest (guest work and loading \
+         the kernel) ours/QEMU {:.2}.\n",
+        op - ot,
+        qp - qt,
+        (op - ot) / (qp - qt)
+    )
+}
+
 /// The summary (Markdown): a row per variant with runs, then the ratios of [`PAIRS`] and the
 /// ratio of each VMM's fastest variant (by median boot time). Errors when no vmm-reference or
 /// no QEMU variant has a successful run.
@@ -412,11 +470,15 @@ fn summary(records: &[RunRecord]) -> Result<String> {
         .collect();
     let fastest = |ours: bool| {
         all.iter()
-            .filter(|(v, _)| v.is_ours() == ours)
+            .filter(|(v, _)| v.is_ours() == ours && !v.is_tiny())
             .min_by(|a, b| a.1.boot_median_ms.total_cmp(&b.1.boot_median_ms))
     };
-    let best_ours = fastest(true).ok_or(Error::NoRuns("vmm-reference"))?;
-    let best_qemu = fastest(false).ok_or(Error::NoRuns("QEMU"))?;
+    if !all.iter().any(|(v, _)| v.is_ours()) {
+        return Err(Error::NoRuns("vmm-reference"));
+    }
+    if !all.iter().any(|(v, _)| !v.is_ours()) {
+        return Err(Error::NoRuns("QEMU"));
+    }
     let up = |s: &Stats| {
         s.uptime_median_s
             .map_or_else(|| "-".to_string(), |u| format!("{u:.2}"))
@@ -453,11 +515,14 @@ fn summary(records: &[RunRecord]) -> Result<String> {
             Some((format!("{} / {}", a.name(), b.name()), sa, sb))
         })
         .collect();
-    ratio_rows.push((
-        format!("fastest: {} / {}", best_ours.0.name(), best_qemu.0.name()),
-        &best_ours.1,
-        &best_qemu.1,
-    ));
+    // Linux boots only: the tiny guest is no way to boot Linux.
+    if let (Some(best_ours), Some(best_qemu)) = (fastest(true), fastest(false)) {
+        ratio_rows.push((
+            format!("fastest: {} / {}", best_ours.0.name(), best_qemu.0.name()),
+            &best_ours.1,
+            &best_qemu.1,
+        ));
+    }
     out.push_str(
         "\n| ratio | boot min | boot median | peak RSS median | peak RSS max |\n|---|---|---|---|---|\n",
     );
@@ -470,6 +535,7 @@ fn summary(records: &[RunRecord]) -> Result<String> {
             a.rss_max_kib / b.rss_max_kib
         ));
     }
+    out.push_str(&guest_share(&all));
     let killed: Vec<String> = all
         .iter()
         .filter(|(_, s)| s.killed > 0)
@@ -487,7 +553,9 @@ fn summary(records: &[RunRecord]) -> Result<String> {
 /// The command line of one VMM for `args`.
 fn vmm_command(vmm: Vmm, args: &RunArgs) -> Command {
     let cmdline = format!("{} vmmref.end=poweroff", args.cmdline);
-    let kernel = if vmm.pvh() {
+    let kernel = if vmm.is_tiny() {
+        &args.tiny
+    } else if vmm.pvh() {
         &args.vmlinux
     } else {
         &args.kernel
@@ -495,12 +563,11 @@ fn vmm_command(vmm: Vmm, args: &RunArgs) -> Command {
     if vmm.is_ours() {
         let mut c = Command::new(&args.vmm_reference);
         let huge_pages = if vmm == Vmm::OursPvh4k { "off" } else { "on" };
-        c.arg("boot")
-            .arg("--kernel")
-            .arg(kernel)
-            .arg("--initramfs")
-            .arg(&args.initramfs)
-            .args(["--vcpus", &args.vcpus.to_string()])
+        c.arg("boot").arg("--kernel").arg(kernel);
+        if !vmm.is_tiny() {
+            c.arg("--initramfs").arg(&args.initramfs);
+        }
+        c.args(["--vcpus", &args.vcpus.to_string()])
             .args(["--mem-mib", &args.mem_mib.to_string()])
             .args(["--huge-pages", huge_pages])
             .arg("--profile")
@@ -517,11 +584,11 @@ fn vmm_command(vmm: Vmm, args: &RunArgs) -> Command {
             .arg("-L")
             .arg(&args.qemu_data)
             .arg("-kernel")
-            .arg(kernel)
-            .arg("-initrd")
-            .arg(&args.initramfs)
-            .arg("-append")
-            .arg(cmdline);
+            .arg(kernel);
+        if !vmm.is_tiny() {
+            c.arg("-initrd").arg(&args.initramfs);
+        }
+        c.arg("-append").arg(cmdline);
         c
     }
 }
@@ -650,6 +717,14 @@ fn run(args: &RunArgs) -> Result<bool> {
         "BOOT-COMPARE-BEGIN runs={} vcpus={} mem_mib={} rotate={} cmdline={:?}",
         args.runs, args.vcpus, args.mem_mib, args.rotate, args.cmdline
     );
+    if variants.iter().any(|v| v.is_tiny()) {
+        std::fs::write(&args.tiny, xtask::tiny_guest::pvh_elf()).map_err(|source| {
+            Error::WriteTiny {
+                path: args.tiny.clone(),
+                source,
+            }
+        })?;
+    }
     let mut records = Vec::new();
     for round in 0..args.runs as usize {
         let mut order = variants.clone();
@@ -900,6 +975,42 @@ mod tests {
     }
 
     #[test]
+    fn tiny_guests_split_the_pvh_boot_and_are_never_the_fastest() {
+        let records = vec![
+            rec(Vmm::OursPvh, Some(3000.0), 1),
+            rec(Vmm::QemuPvh, Some(5000.0), 1),
+            rec(Vmm::OursTiny, Some(500.0), 1),
+            rec(Vmm::QemuTiny, Some(1000.0), 1),
+        ];
+        let table = summary(&records).expect("both have runs");
+        assert!(
+            table.contains("| fastest: ours-pvh / qemu-pvh | 0.60 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| ours-tiny / qemu-tiny | 0.50 |"),
+            "{table}"
+        );
+        // The rest: 2500 ms against 4000 ms.
+        assert!(
+            table.contains(
+                "ours 500 + 2500 ms, QEMU 1000 + 4000 ms; the rest (guest work and \
+                 loading the kernel) ours/QEMU 0.62."
+            ),
+            "{table}"
+        );
+        // Without tiny runs there is no split; with tiny runs only, no fastest.
+        let table = summary(&records[..2]).expect("both have runs");
+        assert!(!table.contains("split at the tiny guest"), "{table}");
+        let table = summary(&records[2..]).expect("both have runs");
+        assert!(!table.contains("fastest"), "{table}");
+        assert!(
+            table.contains("| ours-tiny / qemu-tiny | 0.50 |"),
+            "{table}"
+        );
+    }
+
+    #[test]
     fn summary_needs_both_vmms() {
         let only_ours = vec![rec(Vmm::OursBzimage, Some(1.0), 1)];
         assert!(matches!(summary(&only_ours), Err(Error::NoRuns("QEMU"))));
@@ -966,14 +1077,17 @@ mod tests {
         for v in VARIANTS {
             let a = argv(vmm_command(v, &args));
             assert!(a.contains(&cmdline), "{v:?}: {a:?}");
-            let kernel = if v.pvh() {
+            let kernel = if v.is_tiny() {
+                "/tmp/tiny-pvh.elf"
+            } else if v.pvh() {
                 "/data/vmlinux"
             } else {
                 "/data/bzImage"
             };
             assert!(a.contains(&kernel.to_string()), "{v:?}: {a:?}");
-            assert!(
+            assert_eq!(
                 a.contains(&"/data/initramfs.cpio".to_string()),
+                !v.is_tiny(),
                 "{v:?}: {a:?}"
             );
             if v.is_ours() {
